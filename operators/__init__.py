@@ -1,0 +1,1 @@
+"""Ray-agnostic operators: plain callables on numpy/torch batches (decode, tile, encode, reduce)."""

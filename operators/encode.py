@@ -1,0 +1,159 @@
+"""Run a CLIP vision tower once per batch and return everything PruMerge needs.
+
+LLaVA feeds its projector the hidden states of the penultimate layer (``layer=-2``). PruMerge scores
+those tokens with the CLS query of the *next* block's self-attention and merges them by that block's
+keys. Both come from the block's ``layer_norm1`` → ``q_proj`` / ``k_proj``, so one pass through the
+embeddings and the first ``L`` blocks, plus two projections of the block that follows, yields all of
+it. Layers after that are never run (LLaVA discards their output) and are dropped at load time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from einops import rearrange
+from transformers import CLIPVisionModel
+
+DEFAULT_MODEL = "openai/clip-vit-large-patch14-336"
+
+ClsAttention = Literal["full_width", "head_mean"]
+
+
+class ModelUnavailableError(RuntimeError):
+    """The vision tower's weights could not be found locally or fetched from the hub."""
+
+
+@dataclass(frozen=True)
+class EncoderOutput:
+    """What one forward pass yields for a batch of B frames/tiles with N patches of width C."""
+
+    features: torch.Tensor  # [B, N, C] hidden states of the selected layer, patch tokens only
+    keys: torch.Tensor  # [B, N, C] k_proj of the block consuming those states, patch tokens only
+    cls_attn: torch.Tensor  # [B, N] float32, CLS query's attention over the patches (CLS column dropped)
+
+
+def load_vision_tower(model_name_or_path: str, dtype: torch.dtype) -> CLIPVisionModel:
+    """Load a Hugging Face CLIP vision tower (a `CLIPVisionModel` or full `CLIPModel` checkpoint).
+
+    A local copy (a directory, or the hub cache) is tried first so that an offline machine with the
+    weights never touches the network. Raises `ModelUnavailableError` naming ``--model PATH`` when
+    the weights are neither local nor downloadable.
+    """
+    try:
+        return CLIPVisionModel.from_pretrained(model_name_or_path, dtype=dtype, local_files_only=True)
+    except OSError as local_error:
+        if os.path.isdir(model_name_or_path):
+            raise ModelUnavailableError(_unavailable_message(model_name_or_path, local_error)) from local_error
+    try:
+        return CLIPVisionModel.from_pretrained(model_name_or_path, dtype=dtype)
+    except OSError as hub_error:
+        raise ModelUnavailableError(_unavailable_message(model_name_or_path, hub_error)) from hub_error
+
+
+def _unavailable_message(model_name_or_path: str, error: Exception) -> str:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (
+        f"Cannot load the CLIP vision tower {model_name_or_path!r}: {first_line} "
+        "If this machine is offline, download the checkpoint elsewhere (e.g. `hf download "
+        f"{model_name_or_path} --local-dir DIR`) and pass --model PATH with that local directory."
+    )
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    # LLaVA runs its tower in fp16 on GPUs; CPUs have no fast half-precision matmul.
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+class ClipEncoder:
+    """Callable that maps preprocessed pixels ``[B, 3, H, W]`` to an `EncoderOutput` in one pass.
+
+    Args:
+        model_name_or_path: hub id or local directory of any Hugging Face CLIP vision checkpoint.
+        layer: index into the tower's hidden states (0 = embeddings, -1 = last block's output), as in
+            ``output_hidden_states``. Default -2, the layer LLaVA uses. The block after it must exist,
+            since it supplies the keys and the CLS attention, so -1 is rejected.
+        device: where the tower runs; default CUDA when available, else CPU.
+        dtype: tower weights' dtype; default fp16 on CUDA, fp32 on CPU.
+        cls_attention: ``"full_width"`` (the published PruMerge score, ``softmax(q_cls·kᵀ/√C)`` with
+            the full-width projections) or ``"head_mean"`` (the block's true attention probabilities of
+            the CLS query, averaged over heads).
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = DEFAULT_MODEL,
+        layer: int = -2,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        cls_attention: ClsAttention = "full_width",
+    ) -> None:
+        if cls_attention not in ("full_width", "head_mean"):
+            raise ValueError(f"cls_attention must be 'full_width' or 'head_mean', got {cls_attention!r}")
+        self.device = torch.device(device) if device is not None else default_device()
+        self.dtype = dtype if dtype is not None else default_dtype(self.device)
+        self.model_name_or_path = model_name_or_path
+        self.cls_attention = cls_attention
+
+        model = load_vision_tower(model_name_or_path, self.dtype)
+        num_layers = model.config.num_hidden_layers
+        # hidden_states has num_layers + 1 entries; entry L is the output of blocks[:L].
+        resolved = layer + num_layers + 1 if layer < 0 else layer
+        if not 0 <= resolved < num_layers:
+            raise ValueError(
+                f"layer={layer} must select hidden states 0..{num_layers - 1} (or -{num_layers + 1}..-2) of "
+                f"this {num_layers}-block tower: the block after it provides the keys and CLS attention"
+            )
+        self.layer = resolved
+        # Keep blocks[:L] to run plus block L for its layer_norm1/q_proj/k_proj; later blocks are never used.
+        model.encoder.layers = model.encoder.layers[: resolved + 1]
+        self.model = model.to(self.device).eval()
+
+        config = model.config
+        self.image_size: int = config.image_size
+        self.patch_size: int = config.patch_size
+        self.grid_size: int = config.image_size // config.patch_size
+        self.num_patches: int = self.grid_size**2
+        self.hidden_size: int = config.hidden_size
+        self.num_heads: int = config.num_attention_heads
+
+    @torch.inference_mode()
+    def __call__(self, pixel_values: torch.Tensor) -> EncoderOutput:
+        """Encode ``pixel_values [B, 3, H, W]`` (already resized and normalised for the model)."""
+        pixels = pixel_values.to(self.device, self.dtype, non_blocking=True)
+        hidden = self.model.embeddings(pixels)  # [B, 1+N, C]
+        hidden = self.model.pre_layrnorm(hidden)
+        blocks = self.model.encoder.layers
+        for block in blocks[: self.layer]:
+            hidden = block(hidden, None)  # [B, 1+N, C]
+
+        scoring_block = blocks[self.layer]
+        normed = scoring_block.layer_norm1(hidden)
+        queries = scoring_block.self_attn.q_proj(normed[:, :1])  # [B, 1, C], the CLS query only
+        keys = scoring_block.self_attn.k_proj(normed)  # [B, 1+N, C]
+
+        return EncoderOutput(
+            features=hidden[:, 1:],
+            keys=keys[:, 1:],
+            cls_attn=self._cls_attention(queries, keys),
+        )
+
+    def _cls_attention(self, cls_query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """CLS→patch attention ``[B, N]`` (float32) from ``cls_query [B,1,C]`` and ``keys [B,1+N,C]``."""
+        cls_query, keys = cls_query.float(), keys.float()
+        if self.cls_attention == "full_width":
+            logits = torch.einsum("bqc,bnc->bn", cls_query, keys) / math.sqrt(keys.shape[-1])
+            attention = logits.softmax(dim=-1)  # [B, 1+N]
+        else:
+            heads_q = rearrange(cls_query, "b 1 (h d) -> b h d", h=self.num_heads)
+            heads_k = rearrange(keys, "b n (h d) -> b h n d", h=self.num_heads)
+            logits = torch.einsum("bhd,bhnd->bhn", heads_q, heads_k) / math.sqrt(heads_q.shape[-1])
+            attention = logits.softmax(dim=-1).mean(dim=1)  # [B, 1+N]
+        return attention[:, 1:]

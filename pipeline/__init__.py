@@ -1,0 +1,1 @@
+"""Ray Data wiring and I/O around the operators (inputs, sink, reader)."""
