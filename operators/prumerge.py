@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 Mode = Literal["prumerge", "prumerge+", "fixed"]
 MODES: tuple[str, ...] = ("prumerge", "prumerge+", "fixed")
@@ -105,9 +104,13 @@ def merge_tokens(
     kept_index = torch.argsort((~kept).to(torch.uint8), dim=1, stable=True)[:, :max_kept]  # [B, K]
     is_real = torch.arange(max_kept, device=kept.device)[None, :] < counts[:, None]  # [B, K]
 
-    unit_keys = F.normalize(keys.float(), dim=-1)  # [B, N, C]
-    kept_keys = unit_keys.gather(1, kept_index[..., None].expand(-1, -1, unit_keys.shape[-1]))  # [B, K, C]
-    similarity = torch.einsum("bkc,bnc->bkn", kept_keys, unit_keys)  # [B, K, N]
+    # Cosine similarity of each kept key with every key; dividing the small [B, K, N] product by the
+    # norms costs far less than normalising all [B, N, C] keys first.
+    keys = keys.float()
+    key_norms = torch.linalg.vector_norm(keys, dim=-1).clamp_min(1e-12)  # [B, N]
+    kept_keys = keys.gather(1, kept_index[..., None].expand(-1, -1, keys.shape[-1]))  # [B, K, C]
+    similarity = torch.einsum("bkc,bnc->bkn", kept_keys, keys)  # [B, K, N]
+    similarity /= key_norms.gather(1, kept_index)[..., None] * key_norms[:, None, :]
     similarity.scatter_(2, kept_index[..., None], float("-inf"))  # a token is not its own neighbour
     neighbours = similarity.topk(min(k_neighbors, num_patches - 1), dim=2).indices  # [B, K, k]
 
