@@ -1,0 +1,82 @@
+"""Torch preprocessing against the model's own image processor (PIL-backed), on real frames."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+from operators.decode import decode_segments, probe_video
+from operators.preprocess import Preprocessing
+from media import video
+
+FRAMES = ["flipping_a_pancake.mkv", "bt709_full_range.mp4", "video_90.mov", "h265_video.mp4", "nasa_13013.mp4"]
+PROCESSOR = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+
+
+def expand2square(image: Image.Image, background: tuple[int, ...]) -> Image.Image:
+    """LLaVA's pad-to-square, verbatim in behaviour."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    result = Image.new(image.mode, (side, side), background)
+    result.paste(image, ((side - width) // 2, (side - height) // 2))
+    return result
+
+
+def processor_pixels(frame: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(PROCESSOR(images=Image.fromarray(frame), return_tensors="np")["pixel_values"])
+
+
+def first_frame(name: str, size=None) -> np.ndarray:
+    return next(decode_segments(video(name), np.array([0]), size=size)).frames
+
+
+@pytest.mark.parametrize("name", FRAMES)
+def test_crop_mode_matches_clip_image_processor(name):
+    info = probe_video(video(name))
+    full = first_frame(name)
+    expected = processor_pixels(full[0])
+    crop = Preprocessing(mode="crop")
+
+    from_full = crop(full)  # resized here, from the full-resolution frame
+    assert from_full.shape == (1, 3, 336, 336) and from_full.dtype == torch.float32
+    # In normalised units (1.0 ~ 69 grey levels): same resize kernel family, uint8 rounding as PIL.
+    assert (from_full - expected).abs().mean() < 0.003 and (from_full - expected).abs().max() < 0.3
+
+    from_decoder = crop(first_frame(name, size=crop.decode_size(info.width, info.height)))
+    # ffmpeg's bicubic scaler instead of PIL's: ~1.5 grey levels on average.
+    assert (from_decoder - expected).abs().mean() < 0.03
+
+
+@pytest.mark.parametrize("name", FRAMES)
+def test_pad_mode_matches_llava_expand2square(name):
+    info = probe_video(video(name))
+    full = first_frame(name)
+    fill = tuple(int(255 * m) for m in PROCESSOR.image_mean)
+    expected = torch.from_numpy(
+        PROCESSOR(images=expand2square(Image.fromarray(full[0]), fill), return_tensors="np")["pixel_values"]
+    )
+    pad = Preprocessing(mode="pad")
+    for frames in (full, first_frame(name, size=pad.decode_size(info.width, info.height))):
+        ours = pad(frames)
+        # resize-then-pad vs pad-then-resize differ only along the picture's edge rows
+        assert (ours - expected).abs().mean() < 0.05
+
+
+def test_decode_sizes():
+    crop, pad = Preprocessing(mode="crop"), Preprocessing(mode="pad")
+    assert crop.decode_size(426, 240) == (596, 336)
+    assert crop.decode_size(320, 568) == (336, 596)
+    assert pad.decode_size(426, 240) == (336, 189)
+    assert pad.decode_size(128, 128) == (336, 336)
+
+
+def test_rejects_non_uint8_frames():
+    with pytest.raises(ValueError, match="uint8"):
+        Preprocessing()(np.zeros((1, 10, 10, 3), np.float32))
+    with pytest.raises(ValueError, match="mode"):
+        Preprocessing(mode="squash")
