@@ -56,8 +56,8 @@ class Preprocessing:
         scale = size / max(width, height)
         return max(1, round(width * scale)), max(1, round(height * scale))
 
-    def __call__(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """``frames [B, H, W, 3]`` uint8 RGB (one size per batch) → ``[B, 3, S, S]`` float32 model input."""
+    def square(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """``frames [B, H, W, 3]`` uint8 RGB (one size per batch) → ``[B, S, S, 3]`` uint8, cropped or padded."""
         images = torch.as_tensor(frames)
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected uint8 frames [B, H, W, 3], got {images.dtype} {tuple(images.shape)}")
@@ -66,14 +66,20 @@ class Preprocessing:
         size = self.image_size
         if self.mode == "crop":
             top, left = (height - size) // 2, (width - size) // 2
-            images = images[:, top : top + size, left : left + size]
-        else:
-            fill = torch.tensor([int(255 * m) for m in self.mean], dtype=torch.uint8)
-            canvas = fill.expand(images.shape[0], size, size, 3).clone()
-            top, left = (size - height) // 2, (size - width) // 2
-            canvas[:, top : top + height, left : left + width] = images
-            images = canvas
-        pixels = rearrange(images, "b h w c -> b c h w").float() / 255.0  # [B, 3, S, S]
-        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.std).view(1, 3, 1, 1)
+            return images[:, top : top + size, left : left + size]
+        fill = torch.tensor([int(255 * m) for m in self.mean], dtype=torch.uint8)
+        canvas = fill.expand(images.shape[0], size, size, 3).clone()
+        top, left = (size - height) // 2, (size - width) // 2
+        canvas[:, top : top + height, left : left + width] = images
+        return canvas
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """``images [B, S, S, 3]`` uint8 (any device) → ``[B, 3, S, S]`` float32 model input on that device."""
+        pixels = rearrange(images, "b h w c -> b c h w").float() / 255.0
+        mean = torch.tensor(self.mean, device=pixels.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=pixels.device).view(1, 3, 1, 1)
         return (pixels - mean) / std
+
+    def __call__(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """``frames [B, H, W, 3]`` uint8 RGB (one size per batch) → ``[B, 3, S, S]`` float32 model input."""
+        return self.normalize(self.square(frames))

@@ -40,3 +40,13 @@ def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tiny-clip")
     CLIPModel(config).eval().save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded local Ray for the whole test session (the job reuses an initialised Ray)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

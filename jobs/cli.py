@@ -1,0 +1,57 @@
+"""Shared command-line front end: argparse flags generated 1:1 from `EncodeConfig`, then `pipeline.run`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import typing
+
+# `ray job submit --working-dir .` and `python jobs/x.py` both run from the project root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from operators.encode import ModelUnavailableError  # noqa: E402
+from pipeline.config import EncodeConfig  # noqa: E402
+from pipeline.run import run  # noqa: E402
+
+
+def build_parser(description: str, defaults: dict) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(EncodeConfig)
+    for item in dataclasses.fields(EncodeConfig):
+        if item.name == "media":
+            continue
+        flag = "--" + item.name.replace("_", "-")
+        default = defaults.get(item.name, item.default)
+        kind = hints[item.name]
+        options = {"help": item.metadata["help"], "default": default}
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
+            continue
+        if "choices" in item.metadata:
+            options["choices"] = item.metadata["choices"]
+        base = [t for t in typing.get_args(kind) if t is not type(None)] or [kind]
+        converter = base[0] if base[0] in (int, float, str) else str
+        parser.add_argument(flag, type=converter, required=item.name in ("input", "output"), **options)
+    return parser
+
+
+def main(media: str, description: str, defaults: dict | None = None) -> int:
+    parser = build_parser(description, defaults or {})
+    args = parser.parse_args()
+    try:
+        config = EncodeConfig(media=media, **vars(args))
+    except ValueError as error:
+        parser.error(str(error))
+    try:
+        summary = run(config)
+    except ModelUnavailableError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for line in summary.lines():
+        print(line)
+    return 0

@@ -1,0 +1,8 @@
+"""Encode videos into PruMerge-reduced CLIP token shards (Parquet). See README.md for every flag."""
+
+import sys
+
+from cli import main
+
+if __name__ == "__main__":
+    sys.exit(main("video", __doc__))

@@ -1,0 +1,73 @@
+"""The one configuration object of an encoding run; the command-line flags map onto its fields 1:1."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+from operators.encode import DEFAULT_MODEL
+from operators.images import DEFAULT_MAX_PIXELS
+from operators.tiles import DEFAULT_PINPOINTS
+
+
+def _flag(help: str, default=None, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class EncodeConfig:
+    """Every knob of a run. `jobs/` builds its argparse flags from these fields and their help."""
+
+    input: str = _flag("directory (searched recursively), glob, text file of paths, or Parquet/CSV file with a "
+                       "'path' column; local or any filesystem URI pyarrow supports (s3://, gs://, hdfs://)")
+    output: str = _flag("output directory (local or pyarrow filesystem URI): shards/, errors/, manifest.json")
+    media: Literal["video", "image"] = _flag("what the inputs are", "video", choices=("video", "image"))
+    model: str = _flag("Hugging Face hub id or local path of a CLIP vision checkpoint", DEFAULT_MODEL)
+    layer: int = _flag("hidden-state index whose patch tokens are kept (LLaVA uses -2)", -2)
+    num_frames: int | None = _flag("videos: frames sampled uniformly over the whole video", 8)
+    fps: float | None = _flag("videos: sample this many frames per second instead of --num-frames")
+    max_frames: int | None = _flag("videos: with --fps, at most this many frames (uniformly among the sampled)")
+    method: Literal["prumerge", "prumerge+", "fixed"] = _flag(
+        "token reduction", "prumerge", choices=("prumerge", "prumerge+", "fixed"))
+    budget: int | None = _flag("tokens kept per frame/tile with --method fixed (plus one merged extra token)")
+    k_neighbors: int = _flag("neighbours (by key cosine similarity) merged into each kept token", 32)
+    cls_attention: Literal["full_width", "head_mean"] = _flag(
+        "importance score: published full-width q·k softmax, or the mean of the per-head attention",
+        "full_width", choices=("full_width", "head_mean"))
+    preprocess: Literal["crop", "pad"] = _flag(
+        "'crop': CLIPImageProcessor (shortest side, centre crop); 'pad': LLaVA pad-to-square", "crop",
+        choices=("crop", "pad"))
+    anyres: bool = _flag("split frames/images into LLaVA-NeXT AnyRes tiles plus a global view", False)
+    pinpoints: str = _flag("AnyRes grid resolutions as WxH,WxH,...",
+                           ",".join(f"{w}x{h}" for w, h in DEFAULT_PINPOINTS))
+    batch_size: int = _flag("frames per encoder batch (AnyRes frames count once, whatever their tiles)", 16)
+    segment_frames: int = _flag("sampled frames decoded per task; bounds decode memory for long videos", 16)
+    num_encoders: int | None = _flag("encoder actors (default: one per GPU, or 1 without GPUs)")
+    encoder_threads: int | None = _flag("CPU encoders: torch threads per actor (default: all cores of the node)")
+    device: str | None = _flag("encoder device (default: cuda when the cluster has GPUs, else cpu)")
+    dtype: Literal["float32", "float16", "bfloat16"] | None = _flag(
+        "encoder dtype (default: float16 on cuda, float32 on cpu)", None, choices=("float32", "float16", "bfloat16"))
+    rows_per_shard: int = _flag("rows gathered into one shard file (larger: fewer, bigger files)", 2048)
+    max_image_pixels: int = _flag("images larger than this are refused as decompression bombs", DEFAULT_MAX_PIXELS)
+    ray_address: str | None = _flag("Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
+
+    def __post_init__(self) -> None:
+        if self.fps is not None:
+            self.num_frames = None
+        if self.method == "fixed" and self.budget is None:
+            raise ValueError("--method fixed needs --budget K")
+        if self.method != "fixed" and self.budget is not None:
+            raise ValueError("--budget is only used with --method fixed")
+        for name in ("batch_size", "segment_frames", "k_neighbors", "rows_per_shard"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+
+    def pinpoint_list(self) -> tuple[tuple[int, int], ...]:
+        try:
+            return tuple(tuple(int(v) for v in item.lower().split("x")) for item in self.pinpoints.split(","))
+        except ValueError as error:
+            raise ValueError(f"--pinpoints must look like 336x672,672x336; got {self.pinpoints!r}") from error
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

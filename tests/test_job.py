@@ -1,0 +1,206 @@
+"""The Ray Data job end to end: real videos and hostile files, output contract, resume, kill -9, images."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+
+from operators.decode import FrameSampling, probe_video, sample_frame_indices
+from pipeline.config import EncodeConfig
+from pipeline.run import run
+from pipeline.schema import ERROR_SCHEMA, read_file_metadata, shard_schema
+from media import DECODABLE, VIDEOS, video
+
+ROOT = Path(__file__).resolve().parents[1]
+UNDECODABLE = ["av1_video.mkv", "corrupted.mp4", "empty.mp4", "notes.mp4", "truncated.mp4"]
+KEY = ["video_id", "frame_index", "tile_index"]
+
+
+def make_video_inputs(directory: Path, names=None) -> Path:
+    """The shared videos (linked, not copied) plus hostile files and a duplicate basename in a subfolder."""
+    directory.mkdir(parents=True)
+    for path in sorted(VIDEOS.iterdir()):
+        if names is None or path.name in names:
+            (directory / path.name).symlink_to(path)
+    if names is None:
+        (directory / "empty.mp4").write_bytes(b"")
+        (directory / "notes.mp4").write_text("not a video\n")
+        data = (VIDEOS / "nasa_13013.mp4").read_bytes()
+        (directory / "truncated.mp4").write_bytes(data[: len(data) // 3])
+        (directory / "sub").mkdir()
+        shutil.copy(VIDEOS / "video_0.mov", directory / "sub" / "video_0.mov")
+        (directory / "README.txt").write_text("ignored: not a video extension\n")
+    return directory
+
+
+def read(output: Path, sub: str = "shards"):
+    return pads.dataset(output / sub, format="parquet").to_table()
+
+
+def expected_frames(name: str, sampling: FrameSampling) -> list[int]:
+    return sample_frame_indices(probe_video(video(name)), sampling).tolist()
+
+
+def job_command(inputs: Path, output: Path, model: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "jobs" / "encode_videos.py"), "--input", str(inputs), "--output", str(output),
+            "--model", str(model), *extra]
+
+
+def test_every_input_lands_in_shards_or_errors(tmp_path, tiny_clip_dir, ray_local):
+    inputs = make_video_inputs(tmp_path / "in")
+    output = tmp_path / "out"
+    config = EncodeConfig(input=str(inputs), output=str(output), model=str(tiny_clip_dir), num_frames=4, batch_size=5)
+    summary = run(config)
+
+    shards, errors = read(output), read(output, "errors")
+    by_path = {}
+    for row in shards.select(["source_path", "video_id"]).to_pylist() + errors.select(["source_path", "video_id"]).to_pylist():
+        by_path.setdefault(Path(row["source_path"]).relative_to(inputs).as_posix(), set()).add(row["video_id"])
+    assert sorted(by_path) == sorted(DECODABLE + UNDECODABLE + ["sub/video_0.mov"])
+    assert all(len(ids) == 1 for ids in by_path.values())
+    assert by_path["video_0.mov"] != by_path["sub/video_0.mov"], "same basename, different ids"
+
+    shard_ids = set(shards["video_id"].to_pylist())
+    error_rows = errors.to_pylist()
+    assert {Path(r["source_path"]).name for r in error_rows} == set(UNDECODABLE)
+    assert not shard_ids & {r["video_id"] for r in error_rows}, "an input is in shards or errors, not both"
+    assert all(r["error_type"] and r["error_message"] for r in error_rows)
+
+    rows = shards.to_pylist()
+    for name in DECODABLE:
+        frames = sorted((r for r in rows if r["source_path"] == str(inputs / name)), key=lambda r: r["frame_index"])
+        assert [r["frame_index"] for r in frames] == expected_frames(name, FrameSampling(num_frames=4))
+        assert np.all(np.diff([r["timestamp_s"] for r in frames]) > 0)
+    for r in rows:
+        assert (r["tile_index"], r["grid_rows"], r["grid_cols"]) == (-1, 1, 1)
+        assert r["num_tokens"] == len(r["tokens"]) == len(r["positions"]) == len(r["scores"]) >= 1
+        assert r["positions"][-1] == -1 and all(len(t) == 32 for t in r["tokens"])
+
+    same_clip = [sorted((r for r in rows if r["video_id"] in by_path[p]), key=lambda r: r["frame_index"])
+                 for p in ("video_0.mov", "sub/video_0.mov")]
+    assert [r["tokens"] for r in same_clip[0]] == [r["tokens"] for r in same_clip[1]], "same content, same tokens"
+
+    first_shard = next((output / "shards").glob("*.parquet"))
+    parquet = pq.ParquetFile(first_shard)
+    assert parquet.schema_arrow.remove_metadata() == shard_schema(32)
+    assert parquet.metadata.row_group(0).column(0).compression == "ZSTD"
+    meta = read_file_metadata(parquet.schema_arrow)
+    assert meta["schema_version"] == "1" and meta["model"] == str(tiny_clip_dir)
+    assert (meta["layer"], meta["method"], meta["hidden_size"], meta["patch_grid"]) == (-2, "prumerge", 32, [24, 24])
+    assert pq.read_schema(next((output / "errors").glob("*.parquet"))).remove_metadata() == ERROR_SCHEMA
+
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["config"]["num_frames"] == 4 and "torch" in manifest["versions"]
+    assert (summary.inputs, summary.encoded, summary.failed) == (17, 12, 5)
+    assert summary.frames == len({(r["video_id"], r["frame_index"]) for r in rows})
+    assert not list(output.rglob(".tmp-*"))
+
+    # Re-running the same command commits nothing new and skips everything.
+    files_before = sorted(p.name for p in output.rglob("*.parquet"))
+    again = run(config)
+    assert (again.encoded, again.failed, again.skipped, again.rows) == (0, 0, 17, 0)
+    assert sorted(p.name for p in output.rglob("*.parquet")) == files_before
+
+
+def test_kill_9_then_rerun_is_exactly_once_and_deterministic(tmp_path, tiny_clip_dir, ray_local):
+    names = ["nasa_13013.mp4", "flipping_a_pancake.mkv", "bt709_full_range.mp4", "h265_video.mp4"]
+    inputs = make_video_inputs(tmp_path / "in", names)
+    flags = ["--fps", "2", "--segment-frames", "3", "--batch-size", "2", "--rows-per-shard", "2"]
+
+    # Reference: one uninterrupted run in this process.
+    reference = tmp_path / "reference"
+    run(EncodeConfig(input=str(inputs), output=str(reference), model=str(tiny_clip_dir), num_frames=None, fps=2.0,
+                     segment_frames=3, batch_size=2, rows_per_shard=2))
+
+    output = tmp_path / "out"
+    job = subprocess.Popen(job_command(inputs, output, tiny_clip_dir, *flags), start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list((output / "shards").glob("part-*.parquet"))) < 2:
+        time.sleep(0.2)
+    committed_at_kill = len(list((output / "shards").glob("part-*.parquet")))
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    assert committed_at_kill >= 2, "the job should have committed shards before the kill"
+
+    for path in output.rglob("part-*.parquet"):
+        pq.read_table(path)  # every visible file is complete
+    resumed = subprocess.run(job_command(inputs, output, tiny_clip_dir, *flags), capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    got, want = read(output).sort_by([(k, "ascending") for k in KEY]), read(reference).sort_by([(k, "ascending") for k in KEY])
+    keys = list(zip(*(got[k].to_pylist() for k in KEY)))
+    assert len(keys) == len(set(keys)), "every (video_id, frame_index, tile_index) exactly once"
+    assert keys == list(zip(*(want[k].to_pylist() for k in KEY)))
+    assert got["positions"].to_pylist() == want["positions"].to_pylist()
+    for a, b in zip(got["tokens"].to_pylist(), want["tokens"].to_pylist()):
+        np.testing.assert_allclose(np.array(a, dtype=np.float32), np.array(b, dtype=np.float32), rtol=2e-3, atol=2e-3)
+    assert not list(output.rglob(".tmp-*"))
+
+
+def test_images_job_tiles_and_errors(tmp_path, tiny_clip_dir, ray_local):
+    from PIL import Image
+
+    from operators.decode import decode_segments
+
+    inputs = tmp_path / "images"
+    inputs.mkdir()
+    frame = next(decode_segments(video("bt709_full_range.mp4"), np.array([0]))).frames[0]  # 1280 x 720
+    Image.fromarray(frame).save(inputs / "wide.jpg", quality=90)
+    Image.fromarray(frame[:, :400]).save(inputs / "tall.png")
+    Image.fromarray(frame[:300, :300]).save(inputs / "small.webp")
+    Image.new("1", (16384, 16384)).save(inputs / "bomb.png")
+    (inputs / "fake.jpg").write_text("not an image")
+    listing = tmp_path / "images.txt"
+    listing.write_text("\n".join(str(p) for p in sorted(inputs.iterdir())) + "\n")
+
+    output = tmp_path / "out"
+    summary = run(EncodeConfig(input=str(listing), output=str(output), model=str(tiny_clip_dir), media="image",
+                               anyres=True, batch_size=2))
+    assert (summary.inputs, summary.encoded, summary.failed) == (5, 3, 2)
+    rows = read(output).to_pylist()
+    grids = {}
+    for r in rows:
+        grids.setdefault(Path(r["source_path"]).name, []).append((r["tile_index"], r["grid_rows"], r["grid_cols"]))
+    assert sorted(grids["wide.jpg"]) == [(t, 2, 2) for t in range(-1, 4)]  # 1280x720 fits 672x672 best
+    assert sorted(grids["tall.png"]) == [(t, 2, 2) for t in range(-1, 4)]  # 400x720: 373x672 beats 336x604
+    assert sorted(grids["small.webp"]) == [(t, 2, 1) for t in range(-1, 2)]  # 300x300 fits all: 336x672 is first
+    failures = {Path(r["source_path"]).name: r for r in read(output, "errors").to_pylist()}
+    assert set(failures) == {"bomb.png", "fake.jpg"} and "bomb" in failures["bomb.png"]["error_message"]
+
+
+def test_offline_model_fails_fast_naming_the_flag(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "encode_videos.py"), "--input", str(VIDEOS), "--output", str(tmp_path / "o")],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1 and "--model PATH" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_arguments_exit_2(tmp_path, tiny_clip_dir):
+    result = subprocess.run(job_command(VIDEOS, tmp_path / "o", tiny_clip_dir, "--method", "fixed"),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--budget" in result.stderr
+
+
+def test_mixing_settings_into_one_output_is_refused(tmp_path, tiny_clip_dir, ray_local):
+    inputs = make_video_inputs(tmp_path / "in", ["h265_video.mp4"])
+    output = tmp_path / "out"
+    run(EncodeConfig(input=str(inputs), output=str(output), model=str(tiny_clip_dir), num_frames=2))
+    with pytest.raises(ValueError, match="different settings"):
+        run(EncodeConfig(input=str(inputs), output=str(output), model=str(tiny_clip_dir), num_frames=2,
+                         method="prumerge+"))
