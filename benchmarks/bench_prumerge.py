@@ -21,22 +21,13 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from operators.encode import ClipEncoder
 from operators.prumerge import prumerge, select_tokens
+from towers import save_tower
 
 NUM_PATCHES = 576  # 24 x 24 patches of a 336-px image with 14-px patches
 WIDTH = 1024  # ViT-L hidden size
-VIT_L_336 = dict(
-    image_size=336,
-    patch_size=14,
-    hidden_size=1024,
-    intermediate_size=4096,
-    num_hidden_layers=24,
-    num_attention_heads=16,
-    projection_dim=768,
-)
 
 
 def synthetic_batch(batch: int, device: torch.device, dtype: torch.dtype, seed: int = 0):
@@ -116,8 +107,7 @@ def main() -> None:
     if args.skip_encoder:
         return
     with tempfile.TemporaryDirectory() as model_dir:
-        CLIPVisionModel(CLIPVisionConfig(**VIT_L_336)).save_pretrained(model_dir)
-        encoder = ClipEncoder(model_dir, device=device, dtype=dtype)
+        encoder = ClipEncoder(str(save_tower(model_dir, "vit-l")), device=device, dtype=dtype)
     pixels = torch.randn(args.batch, 3, 336, 336)
     encode = median_seconds(lambda: encoder(pixels), device, max(1, args.repeats // 2))
     print(f"ViT-L/14-336 forward (layer -2, one pass) {1e3 * encode / args.batch:8.1f} ms/frame at batch {args.batch}")

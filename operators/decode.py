@@ -5,10 +5,10 @@ decord applies the container's rotation (display matrix) itself, so frames come 
 to a requested size (ffmpeg's scaler), so full-resolution frames never leave the decoder.
 
 Damaged files: decord can often open a file whose later packets are broken (``corrupted.mp4``
-decodes frames 0-26 of 50). A video with any undecodable sampled frame is rejected as a whole with
-a `VideoDecodeError` naming the first failing frame: a partial timeline would silently mislead a
-model reasoning over time, and a whole-video verdict keeps "every input lands in shards or errors"
-exact.
+decodes frames 0-26 of 50). `decode_segments` raises a `VideoDecodeError` naming the first failing
+frame for the segment that holds it, and decodes nothing further. The job keeps a damaged video's
+segments that decoded and records each failed segment's frames in its error table: a damaged tail
+does not cost the good hour before it, and the error table says exactly which frames are missing.
 """
 
 from __future__ import annotations

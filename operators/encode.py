@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 from einops import rearrange
-from transformers import CLIPVisionModel
+from transformers import CLIPVisionConfig, CLIPVisionModel
 
 DEFAULT_MODEL = "openai/clip-vit-large-patch14-336"
 
@@ -36,22 +36,31 @@ class EncoderOutput:
     cls_attn: torch.Tensor  # [B, N] float32, CLS query's attention over the patches (CLS column dropped)
 
 
-def load_vision_tower(model_name_or_path: str, dtype: torch.dtype) -> CLIPVisionModel:
-    """Load a Hugging Face CLIP vision tower (a `CLIPVisionModel` or full `CLIPModel` checkpoint).
+def _from_pretrained(cls, model_name_or_path: str, **kwargs):
+    """``cls.from_pretrained`` from a local copy (a directory, or the hub cache) first, then the hub.
 
-    A local copy (a directory, or the hub cache) is tried first so that an offline machine with the
-    weights never touches the network. Raises `ModelUnavailableError` naming ``--model PATH`` when
-    the weights are neither local nor downloadable.
+    Local first means an offline machine with the weights never waits on the network. Raises
+    `ModelUnavailableError` naming ``--model PATH`` when the files are neither local nor downloadable.
     """
     try:
-        return CLIPVisionModel.from_pretrained(model_name_or_path, dtype=dtype, local_files_only=True)
+        return cls.from_pretrained(model_name_or_path, local_files_only=True, **kwargs)
     except OSError as local_error:
         if os.path.isdir(model_name_or_path):
             raise ModelUnavailableError(_unavailable_message(model_name_or_path, local_error)) from local_error
     try:
-        return CLIPVisionModel.from_pretrained(model_name_or_path, dtype=dtype)
+        return cls.from_pretrained(model_name_or_path, **kwargs)
     except OSError as hub_error:
         raise ModelUnavailableError(_unavailable_message(model_name_or_path, hub_error)) from hub_error
+
+
+def load_vision_config(model_name_or_path: str) -> CLIPVisionConfig:
+    """The tower's config only (no weights): a cheap, early check that the model can be loaded."""
+    return _from_pretrained(CLIPVisionConfig, model_name_or_path)
+
+
+def load_vision_tower(model_name_or_path: str, dtype: torch.dtype) -> CLIPVisionModel:
+    """Load a Hugging Face CLIP vision tower (a `CLIPVisionModel` or full `CLIPModel` checkpoint)."""
+    return _from_pretrained(CLIPVisionModel, model_name_or_path, dtype=dtype)
 
 
 def _unavailable_message(model_name_or_path: str, error: Exception) -> str:

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
@@ -46,12 +45,9 @@ def _is_local(fs: pafs.FileSystem) -> bool:
     return isinstance(fs, pafs.LocalFileSystem)
 
 
-def _join_uri(fs: pafs.FileSystem, root_uri: str, root_path: str, path: str) -> str:
-    """Rebuild a URI for ``path`` listed under ``root_path`` of a remote ``root_uri``."""
-    if _is_local(fs):
-        return path
-    scheme = root_uri.split("://", 1)[0]
-    return f"{scheme}://{path}"
+def _as_uri(fs: pafs.FileSystem, spec: str, path: str) -> str:
+    """``path`` as listed by ``fs``, turned back into a URI with ``spec``'s scheme when remote."""
+    return path if _is_local(fs) else f"{spec.split('://', 1)[0]}://{path}"
 
 
 def make_video_id(key: str) -> str:
@@ -78,7 +74,7 @@ def list_inputs(spec: str, media: str) -> list[InputItem]:
             if f.type == pafs.FileType.File and PurePosixPath(f.path).suffix.lower() in extensions
             and not PurePosixPath(f.path).name.startswith(".")
         )
-        return _unique([InputItem(make_video_id(os.path.relpath(f, path)), _join_uri(fs, spec, path, f)) for f in files])
+        return _unique([InputItem(make_video_id(os.path.relpath(f, path)), _as_uri(fs, spec, f)) for f in files])
     if info.type != pafs.FileType.File:
         raise FileNotFoundError(f"--input {spec!r} does not exist")
     suffix = PurePosixPath(path).suffix.lower()
@@ -106,7 +102,7 @@ def _from_glob(fs: pafs.FileSystem, spec: str, path: str, extensions: frozenset[
         listing = fs.get_file_info(pafs.FileSelector(root, recursive=True))
         matches = sorted(f.path for f in listing if f.type == pafs.FileType.File and fnmatch.fnmatch(f.path, path))
     matches = [m for m in matches if PurePosixPath(m).suffix.lower() in extensions]
-    return _unique([InputItem(make_video_id(os.path.relpath(m, root)), _join_uri(fs, spec, path, m)) for m in matches])
+    return _unique([InputItem(make_video_id(os.path.relpath(m, root)), _as_uri(fs, spec, m)) for m in matches])
 
 
 def _unique(items: list[InputItem]) -> list[InputItem]:
@@ -161,6 +157,3 @@ def _key_rows(fs: pafs.FileSystem, directory: str, columns: list[str]) -> Iterat
     table = dataset.to_table(columns=columns)
     yield from zip(*(table.column(c).to_pylist() for c in columns))
 
-
-def distinct_count(values) -> int:
-    return len(pc.unique(values)) if len(values) else 0

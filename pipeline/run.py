@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import sys
@@ -12,16 +13,16 @@ from importlib import metadata
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
-import torch
 from transformers import CLIPVisionConfig
 
-from operators.encode import ModelUnavailableError, _unavailable_message
+from operators.encode import load_vision_config
 from pipeline.config import EncodeConfig
-from pipeline.inputs import filesystem_and_path, list_inputs, read_committed
+from pipeline.inputs import InputItem, filesystem_and_path, list_inputs, read_committed
 from pipeline.schema import SCHEMA_VERSION, read_file_metadata
 from pipeline.sink import ShardSink, remove_stale_temporaries
 from pipeline.stages import EncodeTokens, decode_segment, plan_input
 
+MAX_INPUT_BLOCKS = 1024  # probing runs this many tasks at most; each probes its share of the inputs
 PACKAGES = ("torch", "transformers", "decord", "ray", "pyarrow", "einops", "av", "pillow", "numpy")
 
 
@@ -46,14 +47,6 @@ class RunSummary:
             f"{self.frames_per_s:.2f} frames/s over {self.wall_s:.1f} s, {self.bytes_written / 1e6:.2f} MB written, "
             f"{self.error_rows} error rows",
         ]
-
-
-def load_model_config(model: str) -> CLIPVisionConfig:
-    """The tower's config (no weights): fails fast, before Ray starts, when the model is unavailable."""
-    try:
-        return CLIPVisionConfig.from_pretrained(model)
-    except OSError as error:
-        raise ModelUnavailableError(_unavailable_message(model, error)) from error
 
 
 def run_metadata(config: EncodeConfig, vision: CLIPVisionConfig) -> dict:
@@ -121,20 +114,12 @@ def _encoder_resources(config: EncodeConfig) -> tuple[int, float]:
     return actors, (1.0 if use_gpu else 0.0)
 
 
-def run(config: EncodeConfig) -> RunSummary:
-    """Encode every input of ``config`` into ``config.output``; inputs already committed are skipped."""
-    started = time.time()
-    vision = load_model_config(config.model)
-    metadata_ = run_metadata(config, vision)
-    check_output_compatible(config.output, metadata_)
-    remove_stale_temporaries(config.output)
-
-    inputs = list_inputs(config.input, config.media)
-    done, failed = read_committed(config.output)
+def pending_rows(inputs: list[InputItem], done: dict, failed: dict, media: str) -> list[dict]:
+    """Input rows still to process, each carrying the frames earlier runs committed or recorded as failed."""
     rows = []
     for item in inputs:
         whole_input_failed = item.video_id in failed and failed[item.video_id] is None
-        if whole_input_failed or (config.media == "image" and item.video_id in done):
+        if whole_input_failed or (media == "image" and item.video_id in done):
             continue  # nothing left to do for it
         rows.append(
             {
@@ -144,28 +129,46 @@ def run(config: EncodeConfig) -> RunSummary:
                 "failed_frames": sorted(failed.get(item.video_id) or ()),
             }
         )
+    return rows
+
+
+def build_dataset(rows: list[dict], config: EncodeConfig, image_size: int, actors: int, gpus: float) -> ray.data.Dataset:
+    """inputs → plan (CPU tasks) → one segment per block → decode (CPU tasks) → encode (actor pool)."""
+    return (
+        ray.data.from_items(rows, override_num_blocks=min(len(rows), MAX_INPUT_BLOCKS))
+        .flat_map(plan_input, fn_kwargs={"config": config})
+        .repartition(target_num_rows_per_block=1)  # each segment its own decode task
+        .flat_map(decode_segment, fn_kwargs={"config": config, "image_size": image_size})
+        .map_batches(
+            EncodeTokens,
+            fn_constructor_kwargs={"config": config},
+            batch_size=config.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_gpus=gpus,
+            num_cpus=1,
+            batch_format="numpy",
+        )
+    )
+
+
+def run(config: EncodeConfig) -> RunSummary:
+    """Encode every input of ``config`` into ``config.output``; inputs already committed are skipped."""
+    started = time.time()
+    vision = load_vision_config(config.model)  # fails fast, before Ray starts, without the model
+    metadata_ = run_metadata(config, vision)
+    check_output_compatible(config.output, metadata_)
+    remove_stale_temporaries(config.output)
+
+    inputs = list_inputs(config.input, config.media)
+    done, failed = read_committed(config.output)
+    rows = pending_rows(inputs, done, failed, config.media)
 
     sink = ShardSink(config.output, metadata_, config.rows_per_shard)
     if rows:
         _ensure_ray(config)
         actors, gpus = _encoder_resources(config)
-        config.device = config.device or ("cuda" if gpus else "cpu")
-        dataset = (
-            ray.data.from_items(rows, override_num_blocks=len(rows))
-            .flat_map(plan_input, fn_kwargs={"config": config})
-            .repartition(target_num_rows_per_block=1)  # each segment its own decode task
-            .flat_map(decode_segment, fn_kwargs={"config": config, "image_size": vision.image_size})
-            .map_batches(
-                EncodeTokens,
-                fn_constructor_kwargs={"config": config},
-                batch_size=config.batch_size,
-                concurrency=actors,
-                num_gpus=gpus,
-                num_cpus=1,
-                batch_format="numpy",
-            )
-        )
-        dataset.write_datasink(sink)
+        config = dataclasses.replace(config, device=config.device or ("cuda" if gpus else "cpu"))
+        build_dataset(rows, config, vision.image_size, actors, gpus).write_datasink(sink)
 
     wall = time.time() - started
     stats = sink.stats
@@ -199,7 +202,6 @@ def write_manifest(config: EncodeConfig, metadata_: dict, summary: RunSummary) -
         "command": sys.argv,
         "summary": asdict(summary),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "torch_device_available": "cuda" if torch.cuda.is_available() else "cpu",
     }
     temporary = f"{root}/.manifest.json.tmp"
     with fs.open_output_stream(temporary) as stream:

@@ -84,21 +84,17 @@ def split_encoded(table: pa.Table) -> tuple[pa.Table, pa.Table]:
     return shard, errors
 
 
-def ragged_tokens(tokens: list[np.ndarray], hidden_size: int) -> pa.Array:
-    """``list<fixed_size_list<float16, C>>`` from per-row ``[n_i, C]`` arrays, without Python loops over tokens."""
-    counts = np.array([len(t) for t in tokens], dtype=np.int32)
+def ragged(flat: np.ndarray, counts: np.ndarray, item_type: pa.DataType) -> pa.ListArray:
+    """``list<item_type>`` whose row i holds the next ``counts[i]`` items of ``flat`` (1-D, or ``[n, C]``
+    for ``fixed_size_list`` items such as the tokens), built from offsets without a Python loop."""
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-    flat = np.concatenate(tokens).astype(np.float16).reshape(-1) if len(tokens) else np.zeros(0, np.float16)
-    vectors = pa.FixedSizeListArray.from_arrays(pa.array(flat, type=pa.float16()), hidden_size)
-    return pa.ListArray.from_arrays(pa.array(offsets), vectors)
-
-
-def ragged(values: list[np.ndarray], type_: pa.DataType) -> pa.Array:
-    """``list<type_>`` from per-row 1-D arrays."""
-    counts = np.array([len(v) for v in values], dtype=np.int32)
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-    flat = np.concatenate(values) if len(values) else np.zeros(0)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=type_))
+    if pa.types.is_fixed_size_list(item_type):
+        values = pa.FixedSizeListArray.from_arrays(
+            pa.array(flat.reshape(-1), type=item_type.value_type), item_type.list_size
+        )
+    else:
+        values = pa.array(flat, type=item_type)
+    return pa.ListArray.from_arrays(pa.array(offsets), values)
 
 
 def file_metadata(run_metadata: dict) -> dict[bytes, bytes]:

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from ray.data import Datasink
@@ -81,7 +82,7 @@ class ShardSink(Datasink[WriteStats]):
             stats.bytes += _commit(fs, f"{root}/shards", shard, ["video_id", "frame_index", "tile_index"])
             stats.files += 1
             stats.rows = shard.num_rows
-            stats.tokens = pa.compute.sum(shard["num_tokens"]).as_py()
+            stats.tokens = pc.sum(shard["num_tokens"]).as_py()
             stats.frames = set(zip(shard["video_id"].to_pylist(), shard["frame_index"].to_pylist()))
             stats.encoded_videos = set(shard["video_id"].to_pylist())
         if errors.num_rows:

@@ -26,7 +26,7 @@ from operators.prumerge import prumerge
 from operators.tiles import anyres_decode_size, anyres_tiles
 from pipeline.config import EncodeConfig
 from pipeline.inputs import local_file
-from pipeline.schema import encoded_schema, failure_table, ragged, ragged_tokens, shard_schema, with_error_columns
+from pipeline.schema import encoded_schema, failure_table, ragged, shard_schema, with_error_columns
 
 NO_ERROR = {"error_type": "", "error_message": "", "failed_frames": []}
 
@@ -170,9 +170,11 @@ class EncodeTokens:
             out.features, out.keys, out.cls_attn,
             mode=self.config.method, budget=self.config.budget, k_neighbors=self.config.k_neighbors,
         )
-        tokens = [t.to(torch.float16).cpu().numpy() for t in reduced.tokens]
-        positions = [p.cpu().numpy().astype(np.int16) for p in reduced.positions]
-        scores = [s.cpu().numpy() for s in reduced.scores]
+        # One device-to-host copy per column for the whole batch.
+        num_tokens = np.array(reduced.num_tokens)
+        tokens = torch.cat(reduced.tokens).to(torch.float16).cpu().numpy()  # [sum n_i, C]
+        positions = torch.cat(reduced.positions).cpu().numpy().astype(np.int16)  # [sum n_i]
+        scores = torch.cat(reduced.scores).cpu().numpy()  # [sum n_i]
 
         def per_view(column: str) -> np.ndarray:
             return np.repeat(frames[column], counts)
@@ -186,10 +188,10 @@ class EncodeTokens:
                 pa.array(np.concatenate([np.arange(-1, n - 1) for n in counts]), pa.int16()),
                 pa.array(per_view("grid_rows"), pa.int16()),
                 pa.array(per_view("grid_cols"), pa.int16()),
-                pa.array([len(p) for p in positions], pa.int32()),
-                ragged_tokens(tokens, self.encoder.hidden_size),
-                ragged(positions, pa.int16()),
-                ragged(scores, pa.float32()),
+                pa.array(num_tokens, pa.int32()),
+                ragged(tokens, num_tokens, self.schema.field("tokens").type.value_type),
+                ragged(positions, num_tokens, pa.int16()),
+                ragged(scores, num_tokens, pa.float32()),
             ],
             schema=self.schema,
         )

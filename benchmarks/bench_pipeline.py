@@ -1,0 +1,156 @@
+"""The job against the encoder alone, and the job's peak memory on a 1-minute vs a 30-minute video.
+
+Throughput (one process, one embedded Ray, measured side by side):
+  * encoder alone: the same frames, already decoded and preprocessed in memory, through
+    `ClipEncoder` + `prumerge` at the job's batch size;
+  * the job: `pipeline.run` on the same videos (decode, encode, reduce, write), Ray already started.
+  Printed: frames/s of each and their ratio (target >= 0.8 on the 2-core CPU machine).
+
+Memory: the job runs as a subprocess on a 1-minute and a 30-minute video made by looping a real
+clip (packets remuxed with shifted timestamps, no re-encode); the summed RSS of the job's process
+group (driver and its embedded Ray) is sampled every 0.2 s. Printed: both peaks and their ratio (target
+<= 1.5). The memory runs use the tiny tower: the encoder's size does not depend on video length.
+
+    python benchmarks/bench_pipeline.py                      # ViT-B/16-336-sized random tower
+    python benchmarks/bench_pipeline.py --tower vit-l --copies 3 --skip-memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import ray
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from operators.decode import FrameSampling, decode_segments, probe_video, sample_frame_indices  # noqa: E402
+from operators.encode import ClipEncoder  # noqa: E402
+from operators.preprocess import Preprocessing  # noqa: E402
+from operators.prumerge import prumerge  # noqa: E402
+from pipeline.config import EncodeConfig  # noqa: E402
+from pipeline.run import run  # noqa: E402
+from towers import TOWERS, save_tower  # noqa: E402
+
+CLIP = ROOT.parent / "shared" / "data" / "videos" / "flipping_a_pancake.mkv"
+def loop_clip(source: Path, target: Path, seconds: float) -> Path:
+    """Repeat ``source``'s video packets, timestamps shifted, until ``target`` lasts ``seconds``."""
+    with av.open(str(source)) as src:
+        stream = src.streams.video[0]
+        packets = [p for p in src.demux(stream) if p.pts is not None]
+    span = max(p.pts + (p.duration or 0) for p in packets) - min(p.pts for p in packets)
+    loops = int(np.ceil(seconds / float(span * stream.time_base)))
+    with av.open(str(source)) as src, av.open(str(target), "w", format="matroska") as dst:
+        out = dst.add_stream_from_template(src.streams.video[0])
+        for loop in range(loops):
+            for packet in src.demux(src.streams.video[0]):
+                if packet.pts is None:
+                    continue
+                packet.pts += loop * span
+                packet.dts = None if packet.dts is None else packet.dts + loop * span
+                packet.stream = out
+                dst.mux(packet)
+            src.seek(0)
+    return target
+
+
+def encoder_alone(videos: list[Path], model: Path, config: EncodeConfig) -> tuple[int, float]:
+    """(frames, seconds) for ClipEncoder + prumerge on the job's frames, decoded beforehand."""
+    preprocessing = Preprocessing(mode=config.preprocess)
+    frames = []
+    for path in videos:
+        info = probe_video(str(path))
+        indices = sample_frame_indices(info, FrameSampling(num_frames=config.num_frames, fps=config.fps))
+        size = preprocessing.decode_size(info.width, info.height)
+        frames += [preprocessing.square(s.frames) for s in decode_segments(str(path), indices, size)]
+    pixels = torch.cat(frames)
+    torch.set_num_threads(os.cpu_count())
+    encoder = ClipEncoder(str(model), device="cpu")
+    encoder(preprocessing.normalize(pixels[:2]))  # warm-up
+    start = time.perf_counter()
+    for batch in pixels.split(config.batch_size):
+        out = encoder(preprocessing.normalize(batch))
+        prumerge(out.features, out.keys, out.cls_attn, mode=config.method)
+    return len(pixels), time.perf_counter() - start
+
+
+def group_rss_bytes(group: int) -> int:
+    """Summed resident memory of every process in process group ``group`` (Linux /proc)."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended meanwhile
+        if int(fields[2]) == group:  # field 5 of /proc/PID/stat, pgrp
+            total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")  # field 24, rss in pages
+    return total
+
+
+def peak_rss_of_job(video: Path, model: Path, output: Path) -> float:
+    """Peak summed RSS (GiB) of the job (driver and its embedded Ray) on ``video`` at 1 frame per second."""
+    command = [sys.executable, str(ROOT / "jobs" / "encode_videos.py"), "--input", str(video), "--output",
+               str(output), "--model", str(model), "--fps", "1"]
+    job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    peak = 0
+    while job.poll() is None:
+        peak = max(peak, group_rss_bytes(job.pid))
+        time.sleep(0.2)
+    if job.returncode:
+        raise RuntimeError(f"job failed on {video}")
+    return peak / 2**30
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--copies", type=int, default=6, help="copies of the real clips the throughput runs use")
+    parser.add_argument("--num-frames", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--tower", choices=sorted(TOWERS), default="vit-b", help="random-weight tower geometry")
+    parser.add_argument("--skip-memory", action="store_true")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        inputs = scratch / "videos"
+        inputs.mkdir()
+        for copy in range(args.copies):
+            for name in ("flipping_a_pancake.mkv", "nasa_13013.mp4"):
+                (inputs / f"{copy:03d}_{name}").symlink_to(CLIP.parent / name)
+        tower = save_tower(scratch / args.tower, args.tower)
+        config = EncodeConfig(input=str(inputs), output=str(scratch / "out"), model=str(tower),
+                              num_frames=args.num_frames, batch_size=args.batch_size)
+
+        frames, alone = encoder_alone(sorted(inputs.iterdir()), tower, config)
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        summary = run(config)
+        ray.shutdown()
+        job_fps, alone_fps = summary.frames / summary.wall_s, frames / alone
+        print(f"throughput, {args.tower} random tower, {len(list(inputs.iterdir()))} videos x {args.num_frames} frames, "
+              f"batch {args.batch_size}, {os.cpu_count()} CPUs")
+        print(f"  encoder alone (pre-decoded): {alone_fps:6.2f} frames/s ({frames} frames in {alone:.1f} s)")
+        print(f"  job (decode+encode+write):   {job_fps:6.2f} frames/s ({summary.frames} frames in {summary.wall_s:.1f} s)")
+        print(f"  ratio job / encoder alone:   {job_fps / alone_fps:.2f}")
+
+        if args.skip_memory:
+            return
+        tiny = save_tower(scratch / "tiny", "tiny")
+        peaks = {}
+        for minutes in (1, 30):
+            video = loop_clip(CLIP, scratch / f"loop_{minutes}min.mkv", minutes * 60)
+            peaks[minutes] = peak_rss_of_job(video, tiny, scratch / f"mem_{minutes}")
+        print(f"peak RSS of the job at 1 frame/s: 1-minute video {peaks[1]:.2f} GiB, 30-minute video {peaks[30]:.2f} GiB, "
+              f"ratio {peaks[30] / peaks[1]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
