@@ -132,6 +132,12 @@ def probe_video(path: str) -> VideoInfo:
     )
 
 
+def uniform_indices(length: int, count: int) -> np.ndarray:
+    """``min(count, length)`` distinct indices into ``range(length)``, spread evenly, first and last
+    included: ``linspace(0, length-1, count)`` rounded down (LLaVA-Video's frame sampling rule)."""
+    return np.unique(np.linspace(0, length - 1, min(count, length)).astype(np.int64))
+
+
 def sample_frame_indices(info: VideoInfo, sampling: FrameSampling) -> np.ndarray:
     """Frame numbers to decode, increasing and distinct.
 
@@ -140,13 +146,12 @@ def sample_frame_indices(info: VideoInfo, sampling: FrameSampling) -> np.ndarray
     (the last one starting at or before it), then ``max_frames`` uniformly among those.
     """
     if sampling.num_frames is not None:
-        count = min(sampling.num_frames, info.num_frames)
-        return np.unique(np.linspace(0, info.num_frames - 1, count).astype(np.int64))
+        return uniform_indices(info.num_frames, sampling.num_frames)
     times = np.arange(0.0, info.duration_s, 1.0 / sampling.fps)
     on_screen = np.searchsorted(info.timestamps_s, times + 1e-9, side="right") - 1
     indices = np.unique(np.clip(on_screen, 0, info.num_frames - 1)).astype(np.int64)
     if sampling.max_frames is not None and len(indices) > sampling.max_frames:
-        indices = indices[np.linspace(0, len(indices) - 1, sampling.max_frames).astype(np.int64)]
+        indices = indices[uniform_indices(len(indices), sampling.max_frames)]
     return indices
 
 

@@ -28,7 +28,7 @@ def load_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
                     path, f"{width}x{height} image exceeds max_pixels={max_pixels} (decompression bomb?)"
                 )
             upright = ImageOps.exif_transpose(image)
-            return np.asarray(upright.convert("RGB"))
+            return np.array(upright.convert("RGB"))  # writable: torch wraps it without a copy
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as error:

@@ -26,6 +26,10 @@ from pipeline.inputs import filesystem_and_path
 from pipeline.schema import file_metadata, split_encoded
 
 TEMP_PREFIX = ".tmp-"
+# Shard rows are sorted by key and cut into row groups this small, so a reader that wants one video
+# reads the few row groups holding it, not the whole file.
+ROW_GROUP_ROWS = 64
+KEY_COLUMNS = ["video_id", "frame_index", "tile_index"]
 
 
 @dataclass
@@ -79,7 +83,8 @@ class ShardSink(Datasink[WriteStats]):
         fs, root = filesystem_and_path(self.output)
         if shard.num_rows:
             shard = shard.replace_schema_metadata(file_metadata(self.run_metadata))
-            stats.bytes += _commit(fs, f"{root}/shards", shard, ["video_id", "frame_index", "tile_index"])
+            shard = shard.sort_by([(name, "ascending") for name in KEY_COLUMNS])
+            stats.bytes += _commit(fs, f"{root}/shards", shard, KEY_COLUMNS)
             stats.files += 1
             stats.rows = shard.num_rows
             stats.tokens = pc.sum(shard["num_tokens"]).as_py()
@@ -104,7 +109,10 @@ def _commit(fs: pafs.FileSystem, directory: str, table: pa.Table, key_columns: l
         digest.update(repr(table[name].to_pylist()).encode())
     final = f"{directory}/part-{digest.hexdigest()[:20]}.parquet"
     temporary = f"{directory}/{TEMP_PREFIX}{uuid.uuid4().hex}.parquet"
-    pq.write_table(table, temporary, filesystem=fs, compression="zstd")
+    pq.write_table(
+        table, temporary, filesystem=fs, compression="zstd", row_group_size=ROW_GROUP_ROWS,
+        write_statistics=[name for name in KEY_COLUMNS if name in table.column_names],
+    )
     fs.move(temporary, final)
     return fs.get_file_info(final).size
 
