@@ -122,6 +122,7 @@ class TokenReader:
         self._index: dict[str, list[tuple[int, int]]] | None = None
         self._cache: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()
         self._cache_size = cache_row_groups
+        self.row_groups_read = 0  # row groups read from storage so far (cache hits not counted)
 
     @property
     def hidden_size(self) -> int:
@@ -269,6 +270,7 @@ class TokenReader:
         shard = self._shards[f]
         with self.filesystem.open_input_file(shard.path) as handle:
             table = pq.ParquetFile(handle, metadata=shard.metadata).read_row_group(g)
+        self.row_groups_read += 1
         self._cache[key] = table
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)

@@ -1,0 +1,316 @@
+"""Reading what the job wrote: round trip, row-group selectivity, refusal of mixed shards, datasets and
+loaders, other Parquet readers, Ray Data, and the inspect_shards command."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from operators.decode import decode_segments
+from pipeline.config import EncodeConfig
+from pipeline.dataset import Budget, TokenDataset, TokenIterableDataset, collate_tokens
+from pipeline.reader import MixedShardsError, ShardFormatError, TokenReader
+from pipeline.render import CAPTION, GAP, MIN_WIDTH, PLOT_HEIGHT
+from pipeline.report import summarize
+from pipeline.run import run
+from pipeline.schema import METADATA_KEY, file_metadata, read_file_metadata
+from pipeline.sequence import SequenceLayout, llava_sequence
+from pipeline.sink import ROW_GROUP_ROWS
+from media import VIDEOS, video
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = [("video_id", "ascending"), ("frame_index", "ascending"), ("tile_index", "ascending")]
+NAMES = ["h265_video.mp4", "video_0.mov", "nasa_13013.mp4", "flipping_a_pancake.mkv", "corrupted.mp4"]
+
+
+@pytest.fixture(scope="module")
+def video_output(tmp_path_factory, tiny_clip_dir, ray_local) -> Path:
+    """Five real videos (corrupted.mp4 loses 4 of its 6 frames), 2-frame segments, 3-row shards: most
+    videos are spread over several shard files."""
+    inputs = tmp_path_factory.mktemp("videos")
+    for name in NAMES:
+        (inputs / name).symlink_to(VIDEOS / name)
+    output = tmp_path_factory.mktemp("out") / "run"
+    run(EncodeConfig(input=str(inputs), output=str(output), model=str(tiny_clip_dir), num_frames=6, segment_frames=2,
+                     batch_size=2, rows_per_shard=3))
+    return output
+
+
+@pytest.fixture(scope="module")
+def image_output(tmp_path_factory, tiny_clip_dir, ray_local) -> Path:
+    """Two AnyRes images, 1280x720 and 400x720 (padded), both on 2x2 tiles; PruMerge+."""
+    inputs = tmp_path_factory.mktemp("images")
+    frame = next(decode_segments(video("bt709_full_range.mp4"), np.array([0]))).frames[0]
+    Image.fromarray(frame).save(inputs / "wide.jpg", quality=90)
+    Image.fromarray(frame[:, :400]).save(inputs / "tall.png")
+    output = tmp_path_factory.mktemp("out") / "images"
+    run(EncodeConfig(input=str(inputs), output=str(output), model=str(tiny_clip_dir), media="image", anyres=True,
+                     method="prumerge+"))
+    return output
+
+
+def raw_rows(output: Path) -> pa.Table:
+    return pads.dataset(output / "shards", format="parquet").to_table().sort_by(KEY)
+
+
+def test_round_trip_is_bit_for_bit(video_output):
+    reader = TokenReader(str(video_output))
+    raw = raw_rows(video_output)
+    assert sorted(reader.video_ids()) == sorted(set(raw["video_id"].to_pylist()))
+    assert len(reader.video_ids()) == len(NAMES)
+    assert any(len({f for f, _ in reader.row_groups(v)}) > 1 for v in reader.video_ids()), "a video spans files"
+    assert reader.metadata["method"] == "prumerge" and reader.hidden_size == 32
+
+    for video_id in reader.video_ids():
+        want = raw.filter(pa.compute.equal(raw["video_id"], video_id)).to_pylist()
+        got = reader.load(video_id)
+        assert got.source_path == want[0]["source_path"]
+        assert [f.frame_index for f in got.frames] == [r["frame_index"] for r in want]
+        assert [f.timestamp_s for f in got.frames] == [r["timestamp_s"] for r in want]
+        for frame, row in zip(got.frames, want):
+            assert frame.tokens.dtype == torch.float16 and frame.tokens.shape == (row["num_tokens"], 32)
+            expected = np.array(row["tokens"], dtype=np.float16).view(np.uint16)
+            assert np.array_equal(frame.tokens.numpy().view(np.uint16), expected)
+            assert frame.positions.tolist() == row["positions"]
+            assert frame.scores.numpy().tobytes() == np.array(row["scores"], dtype=np.float32).tobytes()
+            assert frame.tiles == () and (frame.grid_rows, frame.grid_cols) == (1, 1)
+    corrupted = next(v for v in reader.video_ids() if v.startswith("corrupted"))
+    assert [f.frame_index for f in reader.load(corrupted).frames] == [0, 9]
+    errors = reader.errors()
+    assert sorted(errors["frame_indices"].to_pylist()) == [[19, 29], [39, 49]]
+    with pytest.raises(KeyError, match="no tokens for video_id"):
+        reader.load("missing")
+
+
+def test_job_writes_sorted_small_row_groups_with_key_statistics(video_output):
+    for path in (video_output / "shards").glob("*.parquet"):
+        parquet = pq.ParquetFile(path)
+        table = parquet.read(columns=["video_id", "frame_index", "tile_index"])
+        assert table.equals(table.sort_by(KEY))
+        for g in range(parquet.metadata.num_row_groups):
+            group = parquet.metadata.row_group(g)
+            assert group.num_rows <= ROW_GROUP_ROWS
+            assert group.column(0).path_in_schema == "video_id" and group.column(0).statistics.has_min_max
+
+
+def test_load_reads_only_the_row_groups_of_its_video(video_output, tmp_path):
+    """All shards rewritten as one file of 2-row row groups: loading one video reads only its own."""
+    out = tmp_path / "regrouped"
+    (out / "shards").mkdir(parents=True)
+    raw = raw_rows(video_output)
+    metadata = pq.read_schema(next((video_output / "shards").glob("*.parquet"))).metadata
+    pq.write_table(raw.replace_schema_metadata(metadata), out / "shards" / "all.parquet", row_group_size=2)
+    parquet = pq.ParquetFile(out / "shards" / "all.parquet")
+    holding = {}
+    for g in range(parquet.metadata.num_row_groups):
+        for video_id in set(parquet.read_row_group(g, columns=["video_id"])["video_id"].to_pylist()):
+            holding.setdefault(video_id, []).append(g)
+
+    original = TokenReader(str(video_output))
+    for video_id, groups in holding.items():
+        reader = TokenReader(str(out))
+        assert [g for _, g in reader.row_groups(video_id)] == groups
+        loaded = reader.load(video_id)
+        assert reader.row_groups_read == len(groups) < parquet.metadata.num_row_groups
+        reference = original.load(video_id)
+        assert [torch.equal(a.tokens, b.tokens) for a, b in zip(loaded.frames, reference.frames)] == [True] * len(
+            reference.frames)
+
+
+def rewrite_metadata(path: Path, **changes) -> None:
+    table = pq.read_table(path)
+    metadata = read_file_metadata(table.schema)
+    metadata.update(changes)
+    pq.write_table(table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata).encode()}), path)
+
+
+def test_mixed_models_or_methods_and_unknown_versions_are_refused(video_output, tmp_path):
+    mixed = tmp_path / "mixed"
+    shutil.copytree(video_output, mixed)
+    first = sorted((mixed / "shards").glob("*.parquet"))[0]
+    rewrite_metadata(first, method="prumerge+")
+    with pytest.raises(MixedShardsError, match="different settings") as error:
+        TokenReader(str(mixed))
+    assert "'prumerge+'" in str(error.value) and "'prumerge'" in str(error.value)
+    result = subprocess.run([sys.executable, str(ROOT / "jobs" / "inspect_shards.py"), str(mixed)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "different settings" in result.stderr
+
+    rewrite_metadata(first, method="prumerge", schema_version="99")
+    with pytest.raises(ShardFormatError, match="schema version '99'"):
+        TokenReader(str(mixed))
+    with pytest.raises(FileNotFoundError, match="no shards/ directory"):
+        TokenReader(str(tmp_path / "nothing"))
+    assert file_metadata({})  # the writer's metadata round-trips through the reader's parser
+    assert read_file_metadata(pa.schema([], metadata=file_metadata({"model": "m"})))["model"] == "m"
+
+
+def test_map_style_dataset_and_loader(video_output):
+    dataset = TokenDataset(str(video_output), budget=Budget(max_frames=4, max_tokens=60),
+                           layout=SequenceLayout(frame_separator=True))
+    reader = TokenReader(str(video_output))
+    assert len(dataset) == len(reader.video_ids())
+    seen = []
+    for batch in DataLoader(dataset, batch_size=2, collate_fn=collate_tokens):
+        assert batch["tokens"].shape[:2] == batch["attention_mask"].shape
+        real = batch["attention_mask"] & ~batch["is_separator"]
+        assert real.sum(1).le(60).all() and batch["frame_mask"].sum(1).le(4).all()
+        for row, video_id in enumerate(batch["video_id"]):
+            expected = llava_sequence(Budget(4, 60).apply(reader.load(video_id)), SequenceLayout(frame_separator=True))
+            length = batch["lengths"][row]
+            assert torch.equal(batch["tokens"][row, :length], expected.tokens)
+            assert batch["is_separator"][row, :length].sum() == len(expected.frame_index)
+        seen += batch["video_id"]
+    assert sorted(seen) == sorted(reader.video_ids())
+
+
+def test_iterable_dataset_splits_over_workers_and_ranks(video_output):
+    ids = sorted(TokenReader(str(video_output)).video_ids())
+    streamed = TokenIterableDataset(str(video_output))
+    loader = DataLoader(streamed, batch_size=None, num_workers=2, multiprocessing_context="spawn")
+    assert sorted(sample["video_id"] for sample in loader) == ids  # every video exactly once
+
+    ranks = [TokenIterableDataset(str(video_output), rank=r, world_size=2).worker_videos() for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == len(ids) // 2 and not set(ranks[0]) & set(ranks[1])
+
+    shuffled = TokenIterableDataset(str(video_output), shuffle=True, seed=3)
+    orders = []
+    for epoch in range(4):
+        shuffled.set_epoch(epoch)
+        orders.append(shuffled.epoch_order())
+    assert all(sorted(order) == ids for order in orders) and len({tuple(o) for o in orders}) > 1
+    shuffled.set_epoch(0)
+    assert shuffled.epoch_order() == orders[0], "same seed and epoch, same order"
+
+
+def test_anyres_image_reassembles_tiles(image_output):
+    reader = TokenReader(str(image_output))
+    grid_rows, grid_cols = reader.metadata["patch_grid"]
+    stitched_rows_seen = 0
+    for video_id in reader.video_ids():
+        image = reader.load(video_id)
+        (frame,) = image.frames
+        assert (frame.grid_rows, frame.grid_cols) == (2, 2) and len(frame.tiles) == 4
+        assert [t.tile_index for t in frame.tiles] == [0, 1, 2, 3]
+        sequence = llava_sequence(image)
+        real = ~sequence.is_separator
+        assert int(real.sum()) == image.num_tokens
+        assert sequence.tile[: frame.global_view.num_tokens].eq(-1).all(), "global view first"
+        pairs = sorted(zip(sequence.tile[real].tolist(), sequence.position[real].tolist()))
+        assert pairs == sorted((v.tile_index, p) for v in frame.views for p in v.positions.tolist())
+        # After the global view: stitched rows, each closed by a newline, rows going down the image;
+        # then the tiles' merged extra tokens.
+        rest = slice(frame.global_view.num_tokens, len(sequence))
+        tiles, position = sequence.tile[rest].numpy(), sequence.position[rest].numpy().astype(int)
+        separator = sequence.is_separator[rest].numpy()
+        last = int(np.flatnonzero(separator)[-1]) if separator.any() else -1  # tiles may keep no patch token
+        assert np.all(position[last + 1 :] == -1) and tiles[last + 1 :].tolist() == [0, 1, 2, 3]
+        stitched_row = (tiles // 2) * grid_rows + position // grid_cols
+        rows = [set(stitched_row[a + 1 : b]) for a, b in zip([-1, *np.flatnonzero(separator)], np.flatnonzero(separator))]
+        assert all(len(r) == 1 for r in rows), "one stitched row between newlines"
+        assert [r.pop() for r in rows] == sorted(set(stitched_row[: last + 1][~separator[: last + 1]]))
+        stitched_rows_seen += len(rows)
+    assert stitched_rows_seen > 0
+
+
+def test_other_parquet_readers_open_the_shards(video_output):
+    import datasets
+    import duckdb
+    import pandas as pd
+    import polars as pl
+
+    raw = raw_rows(video_output)
+    first = raw.slice(0, 1).to_pylist()[0]
+    want = np.array(first["tokens"], dtype=np.float32)
+    files = sorted(str(p) for p in (video_output / "shards").glob("*.parquet"))
+
+    frame = pd.read_parquet(video_output / "shards")
+    assert len(frame) == raw.num_rows
+    row = frame[(frame.video_id == first["video_id"]) & (frame.frame_index == first["frame_index"])].iloc[0]
+    assert np.array_equal(np.stack(row["tokens"]).astype(np.float32), want)
+
+    polars = pl.read_parquet(files)
+    assert polars.height == raw.num_rows
+    row = polars.filter((pl.col("video_id") == first["video_id"]) & (pl.col("frame_index") == first["frame_index"]))
+    assert np.array_equal(np.array(row["tokens"][0].to_list(), dtype=np.float32), want)
+
+    glob = str(video_output / "shards" / "*.parquet")
+    (count,), = duckdb.sql(f"SELECT count(*) FROM read_parquet('{glob}')").fetchall()
+    assert count == raw.num_rows
+    (tokens,), = duckdb.sql(
+        f"SELECT tokens FROM read_parquet('{glob}') WHERE video_id = '{first['video_id']}' "
+        f"AND frame_index = {first['frame_index']}"
+    ).fetchall()
+    assert np.array_equal(np.array(tokens, dtype=np.float32), want)
+
+    hf = datasets.Dataset.from_parquet(files, cache_dir=str(video_output.parent / "hf-cache"))
+    assert hf.num_rows == raw.num_rows
+    match = hf.filter(lambda r: r["video_id"] == first["video_id"] and r["frame_index"] == first["frame_index"])
+    assert np.array_equal(np.array(match[0]["tokens"], dtype=np.float32), want)
+
+
+def test_ray_data_rows_can_be_mapped(video_output, ray_local):
+    def mean_token(batch: pa.Table) -> pa.Table:  # the README's example
+        means = [np.array(tokens, dtype=np.float32).mean() for tokens in batch["tokens"].to_pylist()]
+        return pa.table({"video_id": batch["video_id"], "frame_index": batch["frame_index"], "mean": means})
+
+    rows = ray_local.data.read_parquet(str(video_output / "shards")).map_batches(mean_token, batch_format="pyarrow")
+    got = {(r["video_id"], r["frame_index"]): r["mean"] for r in rows.take_all()}
+    reader = TokenReader(str(video_output))
+    for video_id in reader.video_ids():
+        for frame in reader.load(video_id).frames:
+            assert got[(video_id, frame.frame_index)] == pytest.approx(frame.tokens.float().mean().item(), rel=1e-5)
+
+
+def test_report_counts_match_the_shards(video_output):
+    report = summarize(TokenReader(str(video_output)))
+    raw = raw_rows(video_output)
+    assert (report.videos, report.frames, report.rows) == (len(NAMES), raw.num_rows, raw.num_rows)
+    assert report.tokens == sum(raw["num_tokens"].to_pylist())
+    assert sorted(report.tokens_per_frame.tolist()) == sorted(raw["num_tokens"].to_pylist())
+    assert (report.failed_inputs, report.partly_failed_videos, report.error_rows) == (0, 1, 2)
+    assert report.patches_per_view == 576 and report.full_fp16_bytes_per_frame == 576 * 32 * 2
+    assert sum(n for _, _, n in report.histogram()) == report.frames
+    assert 0 < report.kept_fraction < 1
+
+
+def inspect(output: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "jobs" / "inspect_shards.py"), str(output), *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_inspect_shards_prints_a_summary_and_draws_videos(video_output, tmp_path):
+    video_id = next(v for v in TokenReader(str(video_output)).video_ids() if v.startswith("nasa"))
+    png = tmp_path / "nasa.png"
+    result = inspect(video_output, "--video", video_id, "--png", str(png), "--max-frames", "5", "--panel", "96")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "videos 5" in result.stdout and "tokens per frame histogram" in result.stdout
+    assert "kept" in result.stdout and "bytes per frame" in result.stdout
+    with Image.open(png) as image:
+        image.verify()
+    with Image.open(png) as image:
+        # 5 frames: 4 columns x 2 rows of 96 px panels under captions, then the plot, at least MIN_WIDTH wide
+        assert image.format == "PNG" and image.size == (max(MIN_WIDTH, 4 * 96), 2 * (CAPTION + 96) + PLOT_HEIGHT)
+        assert len(set(image.getdata())) > 50, "the frames are drawn, not a blank canvas"
+
+    assert inspect(video_output, "--video", "nope", "--png", str(png)).returncode == 2
+
+
+def test_inspect_shards_draws_anyres_tiles(image_output, tmp_path):
+    png = tmp_path / "image.png"
+    result = inspect(image_output, "--png", str(png), "--panel", "200")
+    assert result.returncode == 0, result.stderr[-2000:]
+    with Image.open(png) as image:  # one frame: global view, gap, 2x2 stitched tiles (square)
+        assert image.size == (max(MIN_WIDTH, 200 + GAP + 200), CAPTION + 200 + PLOT_HEIGHT)
