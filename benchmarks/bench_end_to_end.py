@@ -9,12 +9,13 @@ and the job's Ray start, included), on the same inputs with the same model and f
   * job: `jobs/encode_videos.py` (embedded local Ray), ``--method prumerge``.
 
 Both run once per ``--dtypes`` entry (float32, then bfloat16: this CPU has native bf16). Then, for
-storage, the job once more with ``--method prumerge+`` on one copy of each clip (the token counts
-of a clip do not depend on how often it is repeated). Printed: frames/s of each run, the
+storage, the job once per method on one copy of each clip (the token counts of a clip do not depend
+on how often it is repeated, and copies in one shard would compress against each other). Printed: frames/s of each run, the
 job/baseline ratios, tokens and bytes per frame of each method against all patch tokens in fp16.
 
     python benchmarks/bench_end_to_end.py                         # ViT-B/14-336-sized random tower
     python benchmarks/bench_end_to_end.py --model openai/clip-vit-large-patch14-336   # the real tower
+    python benchmarks/bench_end_to_end.py --tower vit-l --device cuda --dtypes float16,bfloat16 --num-frames 8
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def main() -> None:
     parser.add_argument("--num-frames", type=int, default=2)
     parser.add_argument("--dtypes", default="float32,bfloat16", help="each dtype runs the baseline and the job")
     parser.add_argument("--batch-size", type=int, default=16, help="the job's --batch-size")
-    parser.add_argument("--job-args", default="", help="extra flags for the job, e.g. '--device cuda'")
+    parser.add_argument("--device", default="cpu", help="where both runs put the model")
+    parser.add_argument("--job-args", default="", help="extra flags for the job, e.g. '--num-encoders 2'")
     args = parser.parse_args()
 
     walls: dict[tuple[str, str], float] = {}
@@ -86,7 +88,7 @@ def main() -> None:
         scratch = Path(scratch)
         model = args.model or str(save_tower(scratch / "tower", args.tower))
         inputs = link_inputs(scratch / "videos", args.videos)
-        common = ["--input", str(inputs), "--model", model, "--num-frames", str(args.num_frames)]
+        common = ["--input", str(inputs), "--model", model, "--num-frames", str(args.num_frames), "--device", args.device]
         baseline = [sys.executable, str(ROOT / "benchmarks" / "naive_baseline.py"), *common]
         job = [sys.executable, str(ROOT / "jobs" / "encode_videos.py"), *common, "--batch-size", str(args.batch_size),
                *args.job_args.split()]
@@ -100,14 +102,16 @@ def main() -> None:
                     raise RuntimeError(f"{name} {dtype} encoded {count} frames, the first run {frames}")
                 frames = count
         base_bytes = baseline_frames(scratch / f"baseline-{args.dtypes.split(',')[0]}")[1]
-        reports = {"prumerge": summarize(TokenReader(str(scratch / f"job-{args.dtypes.split(',')[0]}")))}
+        # Storage on one copy of each clip: copies of a clip in one shard would compress against each other.
         one_each = link_inputs(scratch / "one_each", min(args.videos, len(decodable_clips())))
-        timed([*[str(one_each) if a == str(inputs) else a for a in job], "--output", str(scratch / "plus"),
-               "--method", "prumerge+", "--dtype", args.dtypes.split(",")[0]])
-        reports["prumerge+"] = summarize(TokenReader(str(scratch / "plus")))
+        reports = {}
+        for method in ("prumerge", "prumerge+"):
+            timed([*[str(one_each) if a == str(inputs) else a for a in job], "--output", str(scratch / method),
+                   "--method", method, "--dtype", args.dtypes.split(",")[0]])
+            reports[method] = summarize(TokenReader(str(scratch / method)))
 
     print(f"model {args.model or 'random ' + args.tower}, {args.videos} videos x {args.num_frames} frames "
-          f"({frames} frames per run), {torch.get_num_threads()} CPU threads")
+          f"({frames} frames per run), device {args.device}, {torch.get_num_threads()} CPU threads")
     print(f"{'run':<24}{'wall s':>10}{'frames/s':>10}")
     for (name, dtype), wall in walls.items():
         print(f"{name + ' ' + dtype:<24}{wall:>10.1f}{frames / wall:>10.2f}")

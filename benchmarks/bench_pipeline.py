@@ -2,9 +2,11 @@
 
 Throughput (one process, one embedded Ray, measured side by side):
   * encoder alone: the same frames, already decoded and preprocessed in memory, through
-    `ClipEncoder` + `prumerge` at the job's batch size;
+    `ClipEncoder` + `prumerge` (pinned host memory and non-blocking copies on CUDA, as in the job),
+    at each of ``--batch-sizes``; the fastest batch size is the one the job then uses;
   * the job: `pipeline.run` on the same videos (decode, encode, reduce, write), Ray already started.
-  Printed: frames/s of each and their ratio (target >= 0.8 on the 2-core CPU machine).
+  Printed: frames/s of each and their ratio (targets: >= 0.8 on the 2-core CPU machine, >= 0.85 on
+  a GPU).
 
 Memory: the job runs as a subprocess on a 1-minute and a 30-minute video made by looping a real
 clip (packets remuxed with shifted timestamps, no re-encode); the summed RSS of the job's process
@@ -13,11 +15,14 @@ group (driver and its embedded Ray) is sampled every 0.2 s. Printed: both peaks 
 
     python benchmarks/bench_pipeline.py                      # ViT-B/16-336-sized random tower
     python benchmarks/bench_pipeline.py --tower vit-l --copies 3 --skip-memory
+    python benchmarks/bench_pipeline.py --tower vit-l --copies 30 --skip-memory --device cuda --dtype float16 \
+        --batch-sizes 16,32,64,128
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
@@ -63,8 +68,8 @@ def loop_clip(source: Path, target: Path, seconds: float) -> Path:
     return target
 
 
-def encoder_alone(videos: list[Path], model: Path, config: EncodeConfig) -> tuple[int, float]:
-    """(frames, seconds) for ClipEncoder + prumerge on the job's frames, decoded beforehand."""
+def encoder_alone(videos: list[Path], model: Path, config: EncodeConfig, batch_sizes: list[int]) -> dict[int, float]:
+    """Batch size → frames/s of ClipEncoder + prumerge on the job's frames, decoded beforehand."""
     preprocessing = Preprocessing(mode=config.preprocess)
     frames = []
     for path in videos:
@@ -74,13 +79,22 @@ def encoder_alone(videos: list[Path], model: Path, config: EncodeConfig) -> tupl
         frames += [preprocessing.square(s.frames) for s in decode_segments(str(path), indices, size)]
     pixels = torch.cat(frames)
     torch.set_num_threads(os.cpu_count())
-    encoder = ClipEncoder(str(model), device="cpu")
-    encoder(preprocessing.normalize(pixels[:2]))  # warm-up
-    start = time.perf_counter()
-    for batch in pixels.split(config.batch_size):
-        out = encoder(preprocessing.normalize(batch))
-        prumerge(out.features, out.keys, out.cls_attn, mode=config.method)
-    return len(pixels), time.perf_counter() - start
+    encoder = ClipEncoder(str(model), device=config.device, dtype=getattr(torch, config.dtype) if config.dtype else None)
+    cuda = encoder.device.type == "cuda"
+    if cuda:
+        pixels = pixels.pin_memory()
+    fps = {}
+    for batch_size in batch_sizes:
+        encoder(preprocessing.normalize(pixels[:batch_size].to(encoder.device)))  # warm-up at this shape
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for batch in pixels.split(batch_size):
+            out = encoder(preprocessing.normalize(batch.to(encoder.device, non_blocking=True)))
+            reduced = prumerge(out.features, out.keys, out.cls_attn, mode=config.method)
+            torch.cat(reduced.tokens).cpu()  # the job copies the kept tokens back too
+        fps[batch_size] = len(pixels) / (time.perf_counter() - start)
+    return fps
 
 
 def group_rss_bytes(group: int) -> int:
@@ -114,7 +128,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--copies", type=int, default=6, help="copies of the real clips the throughput runs use")
     parser.add_argument("--num-frames", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-sizes", default="16", help="encoder batch sizes to try; the job uses the fastest")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="default: fp16 on CUDA, else fp32")
     parser.add_argument("--tower", choices=sorted(TOWERS), default="vit-b", help="random-weight tower geometry")
     parser.add_argument("--skip-memory", action="store_true")
     args = parser.parse_args()
@@ -128,18 +144,22 @@ def main() -> None:
                 (inputs / f"{copy:03d}_{name}").symlink_to(CLIP.parent / name)
         tower = save_tower(scratch / args.tower, args.tower)
         config = EncodeConfig(input=str(inputs), output=str(scratch / "out"), model=str(tower),
-                              num_frames=args.num_frames, batch_size=args.batch_size)
+                              num_frames=args.num_frames, device=args.device, dtype=args.dtype)
 
-        frames, alone = encoder_alone(sorted(inputs.iterdir()), tower, config)
+        alone = encoder_alone(sorted(inputs.iterdir()), tower, config, [int(b) for b in args.batch_sizes.split(",")])
+        best = max(alone, key=alone.get)
+        config = dataclasses.replace(config, batch_size=best)
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         summary = run(config)
         ray.shutdown()
-        job_fps, alone_fps = summary.frames / summary.wall_s, frames / alone
+        job_fps, alone_fps = summary.frames / summary.wall_s, alone[best]
         print(f"throughput, {args.tower} random tower, {len(list(inputs.iterdir()))} videos x {args.num_frames} frames, "
-              f"batch {args.batch_size}, {os.cpu_count()} CPUs")
-        print(f"  encoder alone (pre-decoded): {alone_fps:6.2f} frames/s ({frames} frames in {alone:.1f} s)")
-        print(f"  job (decode+encode+write):   {job_fps:6.2f} frames/s ({summary.frames} frames in {summary.wall_s:.1f} s)")
-        print(f"  ratio job / encoder alone:   {job_fps / alone_fps:.2f}")
+              f"{args.device} {args.dtype or 'default dtype'}, {os.cpu_count()} CPUs")
+        for batch_size, fps in alone.items():
+            print(f"  encoder alone (pre-decoded), batch {batch_size:4d}: {fps:6.2f} frames/s")
+        print(f"  job (decode+encode+write), batch {best:4d}: {job_fps:6.2f} frames/s "
+              f"({summary.frames} frames in {summary.wall_s:.1f} s)")
+        print(f"  ratio job / encoder alone at batch {best}: {job_fps / alone_fps:.2f}")
 
         if args.skip_memory:
             return

@@ -10,6 +10,7 @@ The processor is `CLIPImageProcessorPil` (the PIL-backed `CLIPImageProcessor` of
 the torchvision-backed one does not install beside the CPU torch build here.
 
     python benchmarks/naive_baseline.py --input DIR --output OUT --model PATH [--num-frames 8] [--dtype bfloat16]
+    python benchmarks/naive_baseline.py ... --device cuda --dtype float16     # on a GPU
 """
 
 from __future__ import annotations
@@ -68,10 +69,11 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--num-frames", type=int, default=8)
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
     dtype = getattr(torch, args.dtype)
-    model = CLIPVisionModel.from_pretrained(args.model, dtype=dtype).eval()
+    model = CLIPVisionModel.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
     size = model.config.image_size
     processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     captured = {}
@@ -92,7 +94,7 @@ def main() -> None:
             print(f"skip {path.name}: {error}")
             failed += 1
             continue
-        pixels = processor(images=list(frames), return_tensors="pt")["pixel_values"].to(dtype)
+        pixels = processor(images=list(frames), return_tensors="pt")["pixel_values"].to(args.device, dtype)
         with torch.inference_mode():
             out = model(pixel_values=pixels, output_hidden_states=True)
             features = out.hidden_states[-2][:, 1:]  # [B, N, C]
@@ -101,7 +103,7 @@ def main() -> None:
             tokens = published_prumerge(features, k, attention[:, 0, 1:])  # [B, kept+1, C]
         rows = [
             {"video": path.name, "frame_index": int(i), "timestamp_s": float(t),
-             "tokens": tokens[j].to(torch.float16).numpy().ravel()}
+             "tokens": tokens[j].to(torch.float16).cpu().numpy().ravel()}
             for j, (i, t) in enumerate(zip(indices, timestamps))
         ]
         pd.DataFrame(rows).to_parquet(output / f"{path.stem}.parquet")
