@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="where both runs put the model")
     parser.add_argument("--job-args", default="", help="extra flags for the job, e.g. '--num-encoders 2'")
     args = parser.parse_args()
+    dtypes = args.dtypes.split(",")
 
     walls: dict[tuple[str, str], float] = {}
     with tempfile.TemporaryDirectory() as scratch:
@@ -93,7 +94,7 @@ def main() -> None:
         job = [sys.executable, str(ROOT / "jobs" / "encode_videos.py"), *common, "--batch-size", str(args.batch_size),
                *args.job_args.split()]
         frames = None
-        for dtype in args.dtypes.split(","):
+        for dtype in dtypes:
             for name, command in (("baseline", baseline), ("job", job)):
                 output = scratch / f"{name}-{dtype}"
                 walls[name, dtype], _ = timed([*command, "--output", str(output), "--dtype", dtype])
@@ -101,13 +102,13 @@ def main() -> None:
                 if frames not in (None, count):
                     raise RuntimeError(f"{name} {dtype} encoded {count} frames, the first run {frames}")
                 frames = count
-        base_bytes = baseline_frames(scratch / f"baseline-{args.dtypes.split(',')[0]}")[1]
+        base_bytes = baseline_frames(scratch / f"baseline-{dtypes[0]}")[1]
         # Storage on one copy of each clip: copies of a clip in one shard would compress against each other.
         one_each = link_inputs(scratch / "one_each", min(args.videos, len(decodable_clips())))
         reports = {}
         for method in ("prumerge", "prumerge+"):
             timed([*[str(one_each) if a == str(inputs) else a for a in job], "--output", str(scratch / method),
-                   "--method", method, "--dtype", args.dtypes.split(",")[0]])
+                   "--method", method, "--dtype", dtypes[0]])
             reports[method] = summarize(TokenReader(str(scratch / method)))
 
     print(f"model {args.model or 'random ' + args.tower}, {args.videos} videos x {args.num_frames} frames "
@@ -115,11 +116,10 @@ def main() -> None:
     print(f"{'run':<24}{'wall s':>10}{'frames/s':>10}")
     for (name, dtype), wall in walls.items():
         print(f"{name + ' ' + dtype:<24}{wall:>10.1f}{frames / wall:>10.2f}")
-    for dtype in args.dtypes.split(","):
+    for dtype in dtypes:
         print(f"job / baseline, both {dtype}: {walls['baseline', dtype] / walls['job', dtype]:.2f}x")
-    first = args.dtypes.split(",")[0]
-    for dtype in args.dtypes.split(",")[1:]:
-        print(f"job {dtype} / baseline {first}: {walls['baseline', first] / walls['job', dtype]:.2f}x")
+    for dtype in dtypes[1:]:
+        print(f"job {dtype} / baseline {dtypes[0]}: {walls['baseline', dtypes[0]] / walls['job', dtype]:.2f}x")
     full = reports["prumerge"].full_fp16_bytes_per_frame
     print(f"storage per frame vs all {reports['prumerge'].patches_per_view} patch tokens in fp16 ({full:,.0f} B):")
     for method, report in reports.items():

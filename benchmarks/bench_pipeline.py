@@ -44,6 +44,7 @@ from operators.preprocess import Preprocessing  # noqa: E402
 from operators.prumerge import prumerge  # noqa: E402
 from pipeline.config import EncodeConfig  # noqa: E402
 from pipeline.run import run  # noqa: E402
+from procfs import process_stats  # noqa: E402
 from towers import TOWERS, save_tower  # noqa: E402
 
 CLIP = ROOT.parent / "shared" / "data" / "videos" / "flipping_a_pancake.mkv"
@@ -99,15 +100,9 @@ def encoder_alone(videos: list[Path], model: Path, config: EncodeConfig, batch_s
 
 def group_rss_bytes(group: int) -> int:
     """Summed resident memory of every process in process group ``group`` (Linux /proc)."""
-    total = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # the process ended meanwhile
-        if int(fields[2]) == group:  # field 5 of /proc/PID/stat, pgrp
-            total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")  # field 24, rss in pages
-    return total
+    page = os.sysconf("SC_PAGE_SIZE")
+    # fields[2] is field 5 of /proc/PID/stat (pgrp), fields[21] field 24 (rss in pages)
+    return sum(int(fields[21]) * page for fields in process_stats().values() if int(fields[2]) == group)
 
 
 def peak_rss_of_job(video: Path, model: Path, output: Path) -> float:

@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_end_to_end import link_inputs  # noqa: E402
+from procfs import process_stats  # noqa: E402
 from towers import TOWERS, save_tower  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -76,16 +77,12 @@ def samples_by_stage(raw: Path) -> collections.Counter:
 def process_table() -> dict[int, tuple[float, str]]:
     """pid → (CPU seconds so far, process title) for every process on the machine."""
     table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for pid, fields in process_stats().items():
         try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            title = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue  # exited meanwhile
-        fields = stat.rsplit(")", 1)[1].split()
-        table[int(entry)] = ((int(fields[11]) + int(fields[12])) / CLOCK_TICKS, title.strip())
+        table[pid] = ((int(fields[11]) + int(fields[12])) / CLOCK_TICKS, title.strip())  # utime + stime
     return table
 
 
@@ -105,13 +102,14 @@ def role(titles: set[str]) -> str:
     return "task workers (probe, decode, write)"
 
 
-def cpu_by_role(command: list[str]) -> tuple[float, collections.Counter]:
-    """Run ``command``; (wall seconds, CPU seconds per role) of the processes it started."""
+def cpu_by_role(command: list[str], log: Path) -> tuple[float, collections.Counter]:
+    """Run ``command`` (stderr to ``log``); (wall seconds, CPU seconds per role) of the processes it started."""
     before = process_table()
     cpu: dict[int, float] = {}
     titles: dict[int, set[str]] = collections.defaultdict(set)
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with log.open("w") as stderr:  # a file, not a pipe: nobody reads a pipe while this loop polls
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
     while process.poll() is None:
         for pid, (seconds, title) in process_table().items():
             if pid in before or pid == os.getpid():
@@ -122,7 +120,7 @@ def cpu_by_role(command: list[str]) -> tuple[float, collections.Counter]:
         time.sleep(0.5)
     wall = time.perf_counter() - started
     if process.returncode:
-        raise RuntimeError(f"{command[1]} failed:\n{process.stderr.read()[-3000:]}")
+        raise RuntimeError(f"{command[1]} failed:\n{log.read_text()[-3000:]}")
     by_role: collections.Counter = collections.Counter()
     for pid, seconds in cpu.items():
         by_role[role(titles[pid])] += seconds
@@ -158,7 +156,7 @@ def main() -> None:
             return
         baseline = [sys.executable, str(ROOT / "benchmarks" / "naive_baseline.py"), *common,
                     "--output", str(scratch / "baseline")]
-        runs = {"baseline": cpu_by_role(baseline), "job": cpu_by_role(job)}
+        runs = {"baseline": cpu_by_role(baseline, scratch / "baseline.log"), "job": cpu_by_role(job, scratch / "job.log")}
 
     print(f"{args.videos} videos x {args.num_frames} frames ({frames} frames), {args.tower} {args.dtype}, "
           f"{os.cpu_count()} cores")
