@@ -1,6 +1,6 @@
 """The project's job against the naive script (`naive_baseline.py`), side by side, plus storage.
 
-Inputs: the decodable clips of ``../shared/data/videos`` linked under distinct names until there are
+Inputs: the decodable clips of ``tests/data/videos`` linked under distinct names until there are
 ``--videos`` of them. Each run is its own fresh process, timed from launch to exit (model loading,
 and the job's Ray start, included), on the same inputs with the same model and frame sampling:
 
@@ -37,7 +37,7 @@ from pipeline.reader import TokenReader  # noqa: E402
 from pipeline.report import summarize  # noqa: E402
 from towers import TOWERS, save_tower  # noqa: E402
 
-VIDEOS = ROOT.parent / "shared" / "data" / "videos"
+VIDEOS = ROOT / "tests" / "data" / "videos"  # the real clips the tests carry
 UNDECODABLE = {"av1_video.mkv", "corrupted.mp4"}  # decord cannot open these (see DESIGN.md)
 
 
@@ -46,7 +46,7 @@ def decodable_clips() -> list[Path]:
 
 
 def link_inputs(directory: Path, count: int) -> Path:
-    """``count`` links named ``NNNN_<clip>`` cycling over the decodable shared clips."""
+    """``count`` links named ``NNNN_<clip>`` cycling over the decodable test clips."""
     clips = decodable_clips()
     directory.mkdir(parents=True)
     for i in range(count):

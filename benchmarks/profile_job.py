@@ -1,7 +1,7 @@
 """Where the job's CPU goes, next to the naive baseline on the same inputs.
 
 Runs `naive_baseline.py`, then `jobs/encode_videos.py` (embedded local Ray, PruMerge), on the
-decodable shared clips linked to ``--videos`` distinct names, each as a fresh process. While each
+decodable test clips (``tests/data/videos``) linked to ``--videos`` distinct names, each as a fresh process. While each
 runs, every process's CPU time is read from ``/proc`` twice a second; at the end the CPU seconds
 are grouped by role (the baseline is one process; the job is the encode actor, the decode/plan/
 write task workers, the driver, and Ray's own services):

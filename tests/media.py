@@ -1,4 +1,5 @@
-"""Test media helpers: the shared real videos, and synthetic clips made with PyAV."""
+"""Test media helpers: the real videos carried in ``tests/data/videos`` (see its README), and synthetic
+clips made with PyAV."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
+VIDEOS = Path(__file__).resolve().parent / "data" / "videos"
 DECODABLE = [
     "flipping_a_pancake.mkv",
     "nasa_13013.mp4",
@@ -25,7 +26,7 @@ DECODABLE = [
 
 def video(name: str) -> str:
     path = VIDEOS / name
-    assert path.exists(), f"test media missing: {path} (see ../shared/data/README.md)"
+    assert path.exists(), f"test media missing: {path} (see tests/data/README.md)"
     return str(path)
 
 

@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import SHARED_DATA, TINY_VISION
+from conftest import TINY_VISION
+from media import video
 from operators.prumerge import prumerge
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -41,7 +42,7 @@ def test_naive_baseline_writes_every_sampled_frame(tiny_clip_dir, tmp_path):
     clips = tmp_path / "videos"
     clips.mkdir()
     for name in ("flipping_a_pancake.mkv", "nasa_13013.mp4"):
-        (clips / name).symlink_to(SHARED_DATA / "videos" / name)
+        (clips / name).symlink_to(video(name))
     command = [sys.executable, str(BENCHMARKS / "naive_baseline.py"), "--input", str(clips), "--output",
                str(tmp_path / "out"), "--model", str(tiny_clip_dir), "--num-frames", "3"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
