@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 from einops import rearrange
 from transformers import CLIPVisionConfig, CLIPVisionModel
+from transformers.utils import logging as hf_logging
 
 DEFAULT_MODEL = "openai/clip-vit-large-patch14-336"
 
@@ -59,8 +60,31 @@ def load_vision_config(model_name_or_path: str) -> CLIPVisionConfig:
 
 
 def load_vision_tower(model_name_or_path: str, dtype: torch.dtype) -> CLIPVisionModel:
-    """Load a Hugging Face CLIP vision tower (a `CLIPVisionModel` or full `CLIPModel` checkpoint)."""
-    return _from_pretrained(CLIPVisionModel, model_name_or_path, dtype=dtype)
+    """Load a Hugging Face CLIP vision tower (a `CLIPVisionModel` or full `CLIPModel` checkpoint).
+
+    A full CLIP checkpoint's text tower and projections are left out on purpose, so transformers' load
+    report, which lists each of those weights (hundreds of lines per encoder actor), and its progress bar
+    are not shown. What that report exists to warn about is checked here instead.
+
+    Raises:
+        ModelUnavailableError: the checkpoint cannot be found (see `_from_pretrained`).
+        ValueError: the checkpoint lacks weights of the vision tower, or holds them with other shapes
+            (the tower would run with random values for them).
+    """
+    verbosity, progress_bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        model, info = _from_pretrained(CLIPVisionModel, model_name_or_path, dtype=dtype, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if progress_bars:
+            hf_logging.enable_progress_bar()
+    absent = sorted(info["missing_keys"]) + sorted(str(key) for key in info["mismatched_keys"])
+    if absent:
+        raise ValueError(f"{model_name_or_path!r} is not a complete CLIP vision checkpoint: {len(absent)} vision "
+                         f"weights are missing or have other shapes ({', '.join(absent[:4])}...)")
+    return model
 
 
 def _unavailable_message(model_name_or_path: str, error: Exception) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -11,7 +12,7 @@ import pytest
 import torch
 from transformers import CLIPVisionModel
 
-from operators.encode import ClipEncoder, ModelUnavailableError
+from operators.encode import ClipEncoder, ModelUnavailableError, load_vision_tower
 from conftest import TINY_VISION
 
 NUM_LAYERS = TINY_VISION["num_hidden_layers"]
@@ -119,3 +120,22 @@ def test_offline_hub_id_fails_fast_with_clear_message(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "--model PATH" in result.stdout and "openai/clip-vit-large-patch14-336" in result.stdout
+
+
+def test_loading_a_full_clip_checkpoint_is_quiet_but_missing_vision_weights_raise(tiny_clip_dir, tmp_path, capfd):
+    """The text tower left out of a full CLIPModel checkpoint is expected: no load report. A vision weight
+    the checkpoint lacks would run as random values, so it is an error."""
+    from safetensors.torch import load_file, save_file
+
+    load_vision_tower(str(tiny_clip_dir), torch.float32)
+    captured = capfd.readouterr()
+    assert "LOAD REPORT" not in captured.err + captured.out and "UNEXPECTED" not in captured.err + captured.out
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_clip_dir, damaged)
+    weights = load_file(damaged / "model.safetensors")
+    dropped = "vision_model.encoder.layers.0.self_attn.k_proj.weight"
+    save_file({name: value for name, value in weights.items() if name != dropped}, damaged / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="missing or have other shapes"):
+        load_vision_tower(str(damaged), torch.float32)
