@@ -38,16 +38,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from operators.decode import FrameSampling, decode_segments, probe_video, sample_frame_indices  # noqa: E402
+from operators.decode import decode_segments, probe_video  # noqa: E402
 from operators.encode import ClipEncoder  # noqa: E402
 from operators.preprocess import Preprocessing  # noqa: E402
 from operators.prumerge import prumerge  # noqa: E402
+from operators.sampling import FrameSampling, sample_frame_indices  # noqa: E402
 from pipeline.config import EncodeConfig  # noqa: E402
 from pipeline.run import run  # noqa: E402
 from procfs import process_stats  # noqa: E402
 from towers import TOWERS, save_tower  # noqa: E402
 
-CLIP = ROOT.parent / "shared" / "data" / "videos" / "flipping_a_pancake.mkv"
+CLIP = ROOT / "tests" / "data" / "videos" / "flipping_a_pancake.mkv"
 def loop_clip(source: Path, target: Path, seconds: float) -> Path:
     """Repeat ``source``'s video packets, timestamps shifted, until ``target`` lasts ``seconds``."""
     with av.open(str(source)) as src:

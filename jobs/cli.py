@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from operators.encode import ModelUnavailableError  # noqa: E402
 from pipeline.config import EncodeConfig  # noqa: E402
 from pipeline.run import run  # noqa: E402
+from pipeline.runlog import configure_console  # noqa: E402
 
 
 def build_parser(description: str, defaults: dict) -> argparse.ArgumentParser:
@@ -44,6 +45,7 @@ def main(media: str, description: str, defaults: dict | None = None) -> int:
         config = EncodeConfig(media=media, **vars(args))
     except ValueError as error:
         parser.error(str(error))
+    configure_console(config.log_level)
     try:
         summary = run(config)
     except ModelUnavailableError as error:

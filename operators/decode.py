@@ -1,4 +1,5 @@
-"""Video decoding with decord: probe once, pick frames by policy, decode them in bounded segments.
+"""Video decoding with decord: probe once, then decode the sampled frames (`operators.sampling`) in
+bounded segments.
 
 decord applies the container's rotation (display matrix) itself, so frames come out upright and a
 90°/270° video has its width and height swapped relative to the coded stream. It decodes straight
@@ -48,25 +49,6 @@ class VideoInfo:
     codec: str
     stream_index: int  # the video stream decoded (the container's "best" one, as ffmpeg picks it)
     timestamps_s: np.ndarray  # [num_frames] float64 presentation time of every frame, increasing
-
-
-@dataclass(frozen=True)
-class FrameSampling:
-    """Which frames to take: ``num_frames`` uniform over the video, or ``fps`` with an optional ``max_frames``."""
-
-    num_frames: int | None = 8
-    fps: float | None = None
-    max_frames: int | None = None
-
-    def __post_init__(self) -> None:
-        if (self.num_frames is None) == (self.fps is None):
-            raise ValueError("set exactly one of num_frames and fps")
-        if self.num_frames is not None and self.num_frames < 1:
-            raise ValueError(f"num_frames must be >= 1, got {self.num_frames}")
-        if self.fps is not None and not self.fps > 0:
-            raise ValueError(f"fps must be > 0, got {self.fps}")
-        if self.max_frames is not None and self.max_frames < 1:
-            raise ValueError(f"max_frames must be >= 1, got {self.max_frames}")
 
 
 @dataclass(frozen=True)
@@ -130,29 +112,6 @@ def probe_video(path: str) -> VideoInfo:
         stream_index=stream_index,
         timestamps_s=spans[:, 0].astype(np.float64),
     )
-
-
-def uniform_indices(length: int, count: int) -> np.ndarray:
-    """``min(count, length)`` distinct indices into ``range(length)``, spread evenly, first and last
-    included: ``linspace(0, length-1, count)`` rounded down (LLaVA-Video's frame sampling rule)."""
-    return np.unique(np.linspace(0, length - 1, min(count, length)).astype(np.int64))
-
-
-def sample_frame_indices(info: VideoInfo, sampling: FrameSampling) -> np.ndarray:
-    """Frame numbers to decode, increasing and distinct.
-
-    ``num_frames``: ``linspace(0, n-1, num_frames)`` rounded down (LLaVA-Video's rule; all frames when
-    the video is shorter). ``fps``: for each time ``k/fps`` before the end, the frame on screen then
-    (the last one starting at or before it), then ``max_frames`` uniformly among those.
-    """
-    if sampling.num_frames is not None:
-        return uniform_indices(info.num_frames, sampling.num_frames)
-    times = np.arange(0.0, info.duration_s, 1.0 / sampling.fps)
-    on_screen = np.searchsorted(info.timestamps_s, times + 1e-9, side="right") - 1
-    indices = np.unique(np.clip(on_screen, 0, info.num_frames - 1)).astype(np.int64)
-    if sampling.max_frames is not None and len(indices) > sampling.max_frames:
-        indices = indices[uniform_indices(len(indices), sampling.max_frames)]
-    return indices
 
 
 def decode_segments(

@@ -9,6 +9,7 @@ from typing import Literal
 from operators.encode import DEFAULT_MODEL
 from operators.images import DEFAULT_MAX_PIXELS
 from operators.tiles import DEFAULT_PINPOINTS
+from pipeline.runlog import LEVELS
 
 
 def _flag(help: str, default=None, **extra):
@@ -21,7 +22,8 @@ class EncodeConfig:
 
     input: str = _flag("directory (searched recursively), glob, text file of paths, or Parquet/CSV file with a "
                        "'path' column; local or any filesystem URI pyarrow supports (s3://, gs://, hdfs://)")
-    output: str = _flag("output directory (local or pyarrow filesystem URI): shards/, errors/, manifest.json")
+    output: str = _flag("output directory (local or pyarrow filesystem URI): shards/, errors/, logs/, runs/, "
+                        "manifest.json")
     media: Literal["video", "image"] = _flag("what the inputs are", "video", choices=("video", "image"))
     model: str = _flag("Hugging Face hub id or local path of a CLIP vision checkpoint", DEFAULT_MODEL)
     layer: int = _flag("hidden-state index whose patch tokens are kept (LLaVA uses -2)", -2)
@@ -51,6 +53,9 @@ class EncodeConfig:
     rows_per_shard: int = _flag("rows gathered into one shard file (larger: fewer, bigger files)", 2048)
     max_image_pixels: int = _flag("images larger than this are refused as decompression bombs", DEFAULT_MAX_PIXELS)
     ray_address: str | None = _flag("Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _flag(
+        "records at this level and above go to the console and to OUT/logs/<run-id>.log", "INFO",
+        choices=LEVELS)
 
     def __post_init__(self) -> None:
         if self.fps is not None:

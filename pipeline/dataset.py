@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from operators.decode import uniform_indices
+from operators.sampling import uniform_indices
 from pipeline.reader import TokenReader, VideoTokens, View
 from pipeline.sequence import SequenceLayout, llava_sequence
 

@@ -41,13 +41,13 @@ def filesystem_and_path(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
-def _is_local(fs: pafs.FileSystem) -> bool:
+def is_local(fs: pafs.FileSystem) -> bool:
     return isinstance(fs, pafs.LocalFileSystem)
 
 
 def _as_uri(fs: pafs.FileSystem, spec: str, path: str) -> str:
     """``path`` as listed by ``fs``, turned back into a URI with ``spec``'s scheme when remote."""
-    return path if _is_local(fs) else f"{spec.split('://', 1)[0]}://{path}"
+    return path if is_local(fs) else f"{spec.split('://', 1)[0]}://{path}"
 
 
 def make_video_id(key: str) -> str:
@@ -96,7 +96,7 @@ def list_inputs(spec: str, media: str) -> list[InputItem]:
 def _from_glob(fs: pafs.FileSystem, spec: str, path: str, extensions: frozenset[str]) -> list[InputItem]:
     prefix = path[: min(path.index(ch) for ch in "*?[" if ch in path)]
     root = prefix if prefix.endswith("/") else os.path.dirname(prefix)
-    if _is_local(fs):
+    if is_local(fs):
         matches = sorted(m for m in glob.glob(path, recursive=True) if os.path.isfile(m))
     else:
         listing = fs.get_file_info(pafs.FileSelector(root, recursive=True))
@@ -117,7 +117,7 @@ def _unique(items: list[InputItem]) -> list[InputItem]:
 def local_file(source_path: str) -> Iterator[str]:
     """A local path for ``source_path``: itself when local, else a temporary copy (decord reads local files)."""
     fs, path = filesystem_and_path(source_path)
-    if _is_local(fs):
+    if is_local(fs):
         yield path
         return
     suffix = PurePosixPath(path).suffix

@@ -1,9 +1,9 @@
-"""Build and run the Ray Data graph for one `EncodeConfig`; write the manifest; return the summary."""
+"""Build and run the Ray Data graph for one `EncodeConfig`; log it, record it, return the summary."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import logging
 import platform
 import sys
 import time
@@ -18,20 +18,29 @@ from transformers import CLIPVisionConfig
 from operators.encode import load_vision_config
 from pipeline.config import EncodeConfig
 from pipeline.inputs import InputItem, filesystem_and_path, list_inputs, read_committed
+from pipeline.runlog import RunLog, new_run_id, utc_timestamp, write_run_record
 from pipeline.schema import SCHEMA_VERSION, read_file_metadata
-from pipeline.sink import ShardSink, remove_stale_temporaries
+from pipeline.sink import ShardSink, WriteStats, remove_stale_temporaries
 from pipeline.stages import EncodeTokens, decode_segment, plan_input
 
 MAX_INPUT_BLOCKS = 1024  # probing runs this many tasks at most; each probes its share of the inputs
 PACKAGES = ("torch", "transformers", "decord", "ray", "pyarrow", "einops", "av", "pillow", "numpy")
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class RunSummary:
+    """What one run did. Each input counts once: ``encoded`` (all its sampled frames are in shards),
+    ``partly_failed`` (some frames in shards, some in errors, e.g. a damaged tail), ``failed`` (errors
+    only), ``skipped`` (nothing left to do from earlier runs), or ``missing`` (neither: a fault)."""
+
     inputs: int
     skipped: int
     encoded: int
+    partly_failed: int
     failed: int
+    missing: int
     frames: int
     rows: int
     error_rows: int
@@ -41,12 +50,16 @@ class RunSummary:
     wall_s: float
 
     def lines(self) -> list[str]:
-        return [
-            f"inputs {self.inputs}: encoded {self.encoded}, failed {self.failed}, skipped (already committed) {self.skipped}",
+        lines = [
+            f"inputs {self.inputs}: encoded {self.encoded}, partly failed {self.partly_failed}, failed {self.failed}, "
+            f"skipped (already committed) {self.skipped}",
             f"frames {self.frames} ({self.rows} rows incl. tiles), mean tokens/row {self.mean_tokens_per_row:.1f}",
             f"{self.frames_per_s:.2f} frames/s over {self.wall_s:.1f} s, {self.bytes_written / 1e6:.2f} MB written, "
             f"{self.error_rows} error rows",
         ]
+        if self.missing:
+            lines.append(f"inputs with neither tokens nor an error row: {self.missing} (named in the log)")
+        return lines
 
 
 def run_metadata(config: EncodeConfig, vision: CLIPVisionConfig) -> dict:
@@ -103,7 +116,8 @@ def package_versions() -> dict[str, str]:
 def _ensure_ray(config: EncodeConfig) -> None:
     if not ray.is_initialized():
         # RAY_ADDRESS (set by `ray job submit`) or --ray-address joins a cluster; otherwise Ray starts locally.
-        ray.init(address=config.ray_address, log_to_driver=False)
+        # Workers' output (tracebacks, decoder messages) is streamed to this driver and its run log.
+        ray.init(address=config.ray_address, log_to_driver=True)
 
 
 def _encoder_resources(config: EncodeConfig) -> tuple[int, float]:
@@ -152,58 +166,119 @@ def build_dataset(rows: list[dict], config: EncodeConfig, image_size: int, actor
 
 
 def run(config: EncodeConfig) -> RunSummary:
-    """Encode every input of ``config`` into ``config.output``; inputs already committed are skipped."""
+    """Encode every input of ``config`` into ``config.output``; inputs already committed are skipped.
+
+    Checks that need no Ray (the model's config, the output's settings, the input listing) run first and
+    raise before anything is written. Then the run gets an id; its log goes to ``OUT/logs/<run-id>.log``
+    and its record (config, versions, summary, status) to ``OUT/runs/<run-id>.json`` and
+    ``OUT/manifest.json``, also when the run fails.
+
+    Raises:
+        ModelUnavailableError: the model's config cannot be loaded.
+        ValueError: the output holds shards made with other settings, or the input listing is malformed.
+        FileNotFoundError: the input does not exist.
+    """
     started = time.time()
     vision = load_vision_config(config.model)  # fails fast, before Ray starts, without the model
     metadata_ = run_metadata(config, vision)
     check_output_compatible(config.output, metadata_)
-    remove_stale_temporaries(config.output)
-
+    logger.info("listing inputs of %s", config.input)
     inputs = list_inputs(config.input, config.media)
+
+    run_id = new_run_id()
+    record = {
+        "run_id": run_id,
+        "schema_version": SCHEMA_VERSION,
+        "config": config.to_dict(),
+        "run_metadata": metadata_,
+        "versions": package_versions(),
+        "command": sys.argv,
+        "started_at": utc_timestamp(started),
+    }
+    with RunLog(config.output, run_id, config.log_level) as run_log:
+        record["log"] = run_log.path
+        logger.info("run %s: %s job, output %s, log %s", run_id, config.media, config.output, run_log.path)
+        logger.info("model %s, layer %d, method %s %s, sampling %s", config.model, config.layer, config.method,
+                    metadata_["method_params"], metadata_["sampling"])
+        try:
+            summary, config = _encode(config, inputs, vision.image_size, metadata_, started)
+        except BaseException as error:
+            logger.exception("run %s stopped: %s", run_id, type(error).__name__)
+            status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+            write_run_record(config.output, run_id, {**record, "status": status, "error": repr(error),
+                                                     "finished_at": utc_timestamp(time.time())})
+            raise
+        for line in summary.lines():
+            logger.info("%s", line)
+        path = write_run_record(config.output, run_id, {**record, "config": config.to_dict(), "status": "completed",
+                                                        "summary": asdict(summary), "finished_at": utc_timestamp(time.time())})
+        logger.info("run record %s", path)
+    return summary
+
+
+def _encode(config: EncodeConfig, inputs: list[InputItem], image_size: int, metadata_: dict,
+            started: float) -> tuple[RunSummary, EncodeConfig]:
+    """Plan against what earlier runs committed, run the graph, log each failure, and summarise.
+
+    Returns the summary and the config with the encoder device that was chosen filled in."""
+    removed = remove_stale_temporaries(config.output)
+    if removed:
+        logger.info("removed %d temporary files left by an interrupted run", removed)
     done, failed = read_committed(config.output)
     rows = pending_rows(inputs, done, failed, config.media)
+    _log_plan(inputs, rows, failed)
 
     sink = ShardSink(config.output, metadata_, config.rows_per_shard)
     if rows:
         _ensure_ray(config)
         actors, gpus = _encoder_resources(config)
         config = dataclasses.replace(config, device=config.device or ("cuda" if gpus else "cpu"))
-        build_dataset(rows, config, vision.image_size, actors, gpus).write_datasink(sink)
+        logger.info("Ray at %s: %d encoder actor(s) on %s", ray.get_runtime_context().gcs_address, actors,
+                    config.device)
+        build_dataset(rows, config, image_size, actors, gpus).write_datasink(sink)
 
-    wall = time.time() - started
-    stats = sink.stats
+    for failure in sink.stats.failures:
+        frames = f" (frames {', '.join(map(str, failure['frame_indices']))})" if failure["frame_indices"] else ""
+        logger.warning("failed: %s: %s: %s%s", failure["source_path"], failure["error_type"],
+                       failure["error_message"], frames)
+    return summarize_run(inputs, rows, done, failed, sink.stats, time.time() - started), config
+
+
+def _log_plan(inputs: list[InputItem], rows: list[dict], failed: dict) -> None:
+    todo = {row["video_id"] for row in rows}
+    resumed = sum(1 for row in rows if row["done_frames"] or row["failed_frames"])
+    skipped = [item for item in inputs if item.video_id not in todo]
+    failed_before = sum(1 for item in skipped if item.video_id in failed)
+    logger.info("inputs: %d found, %d to plan (%d with frames from earlier runs: only frames in neither shards nor "
+                "errors are encoded)", len(inputs), len(rows), resumed)
+    if skipped:
+        logger.info("skipped: %d already encoded, %d failed in an earlier run (recorded failures are not retried; "
+                    "delete their error files to retry)", len(skipped) - failed_before, failed_before)
+
+
+def summarize_run(inputs: list[InputItem], rows: list[dict], done: dict, failed: dict, stats: WriteStats,
+                  wall_s: float) -> RunSummary:
+    """Count each input once, by what the output holds for it now (earlier runs' commits included)."""
+    touched = stats.encoded_videos | stats.failed_videos
+    with_tokens = set(done) | stats.encoded_videos
+    with_errors = set(failed) | stats.failed_videos
     seen_before = {item.video_id for item in inputs} & (set(done) | set(failed))
-    summary = RunSummary(
+    missing = [row for row in rows if row["video_id"] not in touched | seen_before]
+    for row in missing:
+        logger.error("%s ended in neither shards nor errors (no frame was sampled or decoded)", row["source_path"])
+    return RunSummary(
         inputs=len(inputs),
-        skipped=len(seen_before - stats.encoded_videos - stats.failed_videos),
-        encoded=len(stats.encoded_videos),
-        failed=len(stats.failed_videos),
+        skipped=len(seen_before - touched),
+        encoded=len(touched - with_errors),
+        partly_failed=len(touched & with_tokens & with_errors),
+        failed=len(touched & with_errors - with_tokens),
+        missing=len(missing),
         frames=len(stats.frames),
         rows=stats.rows,
         error_rows=stats.error_rows,
         mean_tokens_per_row=stats.tokens / stats.rows if stats.rows else 0.0,
-        frames_per_s=len(stats.frames) / wall if wall else 0.0,
+        frames_per_s=len(stats.frames) / wall_s if wall_s else 0.0,
         bytes_written=stats.bytes,
-        wall_s=wall,
+        wall_s=wall_s,
     )
-    write_manifest(config, metadata_, summary)
-    return summary
 
-
-def write_manifest(config: EncodeConfig, metadata_: dict, summary: RunSummary) -> None:
-    """``OUT/manifest.json``: config, run metadata, package versions, this run's counts and timings."""
-    fs, root = filesystem_and_path(config.output)
-    fs.create_dir(root, recursive=True)
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "config": config.to_dict(),
-        "run_metadata": metadata_,
-        "versions": package_versions(),
-        "command": sys.argv,
-        "summary": asdict(summary),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    temporary = f"{root}/.manifest.json.tmp"
-    with fs.open_output_stream(temporary) as stream:
-        stream.write(json.dumps(manifest, indent=2, default=str).encode())
-    fs.move(temporary, f"{root}/manifest.json")

@@ -44,6 +44,7 @@ class WriteStats:
     frames: set[tuple[str, int]] = field(default_factory=set)
     encoded_videos: set[str] = field(default_factory=set)
     failed_videos: set[str] = field(default_factory=set)
+    failures: list[dict] = field(default_factory=list)  # the error rows committed, as dicts of ERROR_SCHEMA
 
     def add(self, other: "WriteStats") -> None:
         self.rows += other.rows
@@ -54,6 +55,7 @@ class WriteStats:
         self.frames |= other.frames
         self.encoded_videos |= other.encoded_videos
         self.failed_videos |= other.failed_videos
+        self.failures += other.failures
 
 
 class ShardSink(Datasink[WriteStats]):
@@ -95,6 +97,7 @@ class ShardSink(Datasink[WriteStats]):
             stats.files += 1
             stats.error_rows = errors.num_rows
             stats.failed_videos = set(errors["video_id"].to_pylist())
+            stats.failures = errors.to_pylist()
         return stats
 
     def on_write_complete(self, write_result: WriteResult[WriteStats]) -> None:

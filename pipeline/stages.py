@@ -12,17 +12,19 @@ it never raises out of a stage, so one bad input cannot stop the job.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from operators.decode import FrameSampling, MediaError, decode_segments, probe_video, sample_frame_indices
+from operators.decode import MediaError, decode_segments, probe_video
 from operators.encode import ClipEncoder
 from operators.images import load_image
 from operators.preprocess import Preprocessing
 from operators.prumerge import prumerge
+from operators.sampling import FrameSampling, sample_frame_indices
 from operators.tiles import anyres_decode_size, anyres_tiles
 from pipeline.config import EncodeConfig
 from pipeline.inputs import local_file
@@ -30,10 +32,20 @@ from pipeline.schema import encoded_schema, failure_table, ragged, shard_schema,
 
 NO_ERROR = {"error_type": "", "error_message": "", "failed_frames": []}
 
+logger = logging.getLogger(__name__)
 
-def error_fields(error: BaseException, frame_indices=()) -> dict:
-    """The error columns a failed row carries to the sink: type, reason, and the frames it covers."""
-    reason = error.reason if isinstance(error, MediaError) else f"{error}".strip() or repr(error)
+
+def error_fields(source_path: str, error: BaseException, frame_indices=()) -> dict:
+    """The error columns a failed row carries to the sink: type, reason, and the frames it covers.
+
+    A `MediaError` is the input's fault and its reason says why. Anything else is unexpected, so its
+    traceback is logged here, on the worker; Ray streams it to the driver's console and run log.
+    """
+    if isinstance(error, MediaError):
+        reason = error.reason
+    else:
+        reason = f"{error}".strip() or repr(error)
+        logger.warning("%s: unexpected %s", source_path, type(error).__name__, exc_info=error)
     return {"error_type": type(error).__name__, "error_message": reason, "failed_frames": [int(i) for i in frame_indices]}
 
 
@@ -48,7 +60,7 @@ def plan_input(row: dict, config: EncodeConfig) -> list[dict]:
         sampling = FrameSampling(num_frames=config.num_frames, fps=config.fps, max_frames=config.max_frames)
         frames = sample_frame_indices(info, sampling)
     except Exception as error:  # noqa: BLE001 - any failure of one input is that input's error row
-        return [{**base, "segment": [], **error_fields(error)}]
+        return [{**base, "segment": [], **error_fields(row["source_path"], error)}]
     skip = set(row["done_frames"]) | set(row["failed_frames"])
     todo = [int(i) for i in frames if int(i) not in skip]
     base.update(width=info.width, height=info.height)
@@ -75,7 +87,7 @@ class DecodeSegment:
                 return self._video_rows(row, path)
         except Exception as error:  # noqa: BLE001
             frames = row["segment"] if self.config.media == "video" else ()
-            return [self._failed(row, error_fields(error, frames))]
+            return [self._failed(row, error_fields(row["source_path"], error, frames))]
 
     def _video_rows(self, row: dict, path: str) -> list[dict]:
         width, height = row["width"], row["height"]

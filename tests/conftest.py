@@ -29,7 +29,6 @@ TINY_TEXT = dict(
     eos_token_id=1,
     pad_token_id=1,
 )
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
@@ -47,6 +46,6 @@ def ray_local():
     """One embedded local Ray for the whole test session (the job reuses an initialised Ray)."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # log_to_driver, as the job starts it
     yield ray
     ray.shutdown()

@@ -9,7 +9,8 @@ import weakref
 import numpy as np
 import pytest
 
-from operators.decode import FrameSampling, VideoDecodeError, decode_segments, probe_video, sample_frame_indices
+from operators.decode import VideoDecodeError, decode_segments, probe_video
+from operators.sampling import FrameSampling, sample_frame_indices
 from media import DECODABLE, pyav_frames, video, write_clip
 
 

@@ -17,7 +17,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from operators.decode import FrameSampling, probe_video, sample_frame_indices
+from operators.decode import probe_video
+from operators.sampling import FrameSampling, sample_frame_indices
 from pipeline.config import EncodeConfig
 from pipeline.run import run
 from pipeline.schema import ERROR_SCHEMA, read_file_metadata, shard_schema
@@ -29,7 +30,7 @@ KEY = ["video_id", "frame_index", "tile_index"]
 
 
 def make_video_inputs(directory: Path, names=None) -> Path:
-    """The shared videos (linked, not copied) plus hostile files and a duplicate basename in a subfolder."""
+    """The test videos (linked, not copied) plus hostile files and a duplicate basename in a subfolder."""
     directory.mkdir(parents=True)
     for path in sorted(VIDEOS.iterdir()):
         if names is None or path.name in names:
@@ -103,7 +104,7 @@ def test_every_input_lands_in_shards_or_errors(tmp_path, tiny_clip_dir, ray_loca
 
     manifest = json.loads((output / "manifest.json").read_text())
     assert manifest["config"]["num_frames"] == 4 and "torch" in manifest["versions"]
-    assert (summary.inputs, summary.encoded, summary.failed) == (17, 12, 5)
+    assert (summary.inputs, summary.encoded, summary.partly_failed, summary.failed, summary.missing) == (17, 12, 0, 5, 0)
     assert summary.frames == len({(r["video_id"], r["frame_index"]) for r in rows})
     assert not list(output.rglob(".tmp-*"))
     assert len(pd.read_parquet(output / "shards")) == len(rows)  # plain Parquet readers open the directory
@@ -172,7 +173,7 @@ def test_images_job_tiles_and_errors(tmp_path, tiny_clip_dir, ray_local):
     output = tmp_path / "out"
     summary = run(EncodeConfig(input=str(listing), output=str(output), model=str(tiny_clip_dir), media="image",
                                anyres=True, batch_size=2))
-    assert (summary.inputs, summary.encoded, summary.failed) == (5, 3, 2)
+    assert (summary.inputs, summary.encoded, summary.partly_failed, summary.failed) == (5, 3, 0, 2)
     rows = read(output).to_pylist()
     grids = {}
     for r in rows:
@@ -218,6 +219,75 @@ def test_damaged_video_keeps_the_segments_that_decode(tmp_path, tiny_clip_dir, r
     assert sorted(read(output)["frame_index"].to_pylist()) == [0, 7, 14, 21]
     failed = sorted(r["frame_indices"] for r in read(output, "errors").to_pylist())
     assert failed == [[28, 35], [42, 49]]
-    assert (summary.encoded, summary.failed) == (1, 1)
+    assert (summary.encoded, summary.partly_failed, summary.failed) == (0, 1, 0), "one input, counted once"
     again = run(config)  # recorded failures are not retried; nothing is left to do
     assert (again.rows, again.error_rows, again.skipped) == (0, 0, 1)
+
+
+def test_a_run_explains_itself_in_its_log_and_keeps_its_record(tmp_path, tiny_clip_dir, ray_local):
+    """Plan, each failure with its reason, worker output and the summary go to OUT/logs/<run-id>.log;
+    every run keeps OUT/runs/<run-id>.json and manifest.json is the newest; a damaged video whose good
+    segments landed counts as partly failed, not as both encoded and failed."""
+    inputs = make_video_inputs(tmp_path / "in", ["h265_video.mp4", "corrupted.mp4"])
+    (inputs / "notes.mp4").write_text("not a video\n")
+    output = tmp_path / "out"
+    config = EncodeConfig(input=str(inputs), output=str(output), model=str(tiny_clip_dir), num_frames=8,
+                          segment_frames=2)
+    first = run(config)
+    second = run(config)
+    assert (first.inputs, first.encoded, first.partly_failed, first.failed, first.skipped) == (3, 1, 1, 1, 0)
+    assert (second.encoded, second.partly_failed, second.failed, second.skipped) == (0, 0, 0, 3)
+
+    records = [json.loads(p.read_text()) for p in sorted((output / "runs").glob("*.json"))]
+    assert len(records) == 2 and records[0]["run_id"] < records[1]["run_id"]
+    assert json.loads((output / "manifest.json").read_text()) == records[1]
+    assert [r["status"] for r in records] == ["completed", "completed"]
+    assert records[0]["summary"]["partly_failed"] == 1 and records[1]["summary"]["skipped"] == 3
+    assert records[0]["config"]["num_frames"] == 8 and records[0]["config"]["device"] == "cpu"
+    assert "torch" in records[0]["versions"] and records[0]["started_at"] <= records[0]["finished_at"]
+    logs = sorted((output / "logs").glob("*.log"))
+    assert [p.stem for p in logs] == [r["run_id"] for r in records]
+    assert [r["log"] for r in records] == [str(p) for p in logs]
+
+    text = logs[0].read_text()
+    errors = {Path(r["source_path"]).name: r for r in read(output, "errors").to_pylist()}
+    broken = errors["notes.mp4"]
+    assert f"failed: {inputs / 'notes.mp4'}: {broken['error_type']}: {broken['error_message']}" in text
+    for row in read(output, "errors").to_pylist():
+        if row["frame_indices"]:
+            frames = ", ".join(map(str, row["frame_indices"]))
+            assert f"failed: {inputs / 'corrupted.mp4'}: VideoDecodeError: " in text and f"(frames {frames})" in text
+    assert "inputs: 3 found, 3 to plan (0 with frames from earlier runs" in text
+    assert "inputs 3: encoded 1, partly failed 1, failed 1, skipped (already committed) 0" in text
+    # What the decoder printed in a worker process reached this driver's log, with the task it came from.
+    assert any(" pipeline.workers: (" in line and "decode_segment" in line and "pid=" in line
+               for line in text.splitlines())
+    later = logs[1].read_text()
+    assert "inputs: 3 found, 2 to plan (2 with frames from earlier runs" in later
+    assert "skipped: 0 already encoded, 1 failed in an earlier run" in later
+    assert "inputs 3: encoded 0, partly failed 0, failed 0, skipped (already committed) 3" in later
+
+
+def test_a_run_that_fails_records_it_and_its_log_holds_the_worker_traceback(tmp_path, tiny_clip_dir, ray_local):
+    """A checkpoint without one vision weight passes the driver's config check but kills the encoder
+    actor: the run raises, its record says failed and why, and the actor's traceback is in its log."""
+    from safetensors.torch import load_file, save_file
+
+    damaged = tmp_path / "damaged-clip"
+    shutil.copytree(tiny_clip_dir, damaged)
+    weights = load_file(damaged / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if "layers.0.self_attn.k_proj.weight" not in k},
+              damaged / "model.safetensors", metadata={"format": "pt"})
+    inputs = make_video_inputs(tmp_path / "in", ["h265_video.mp4"])
+    output = tmp_path / "out"
+    with pytest.raises(Exception, match="not a complete CLIP vision checkpoint"):
+        run(EncodeConfig(input=str(inputs), output=str(output), model=str(damaged), num_frames=2))
+
+    (record_path,) = (output / "runs").glob("*.json")
+    record = json.loads(record_path.read_text())
+    assert record["status"] == "failed" and "not a complete CLIP vision checkpoint" in record["error"]
+    assert json.loads((output / "manifest.json").read_text()) == record
+    text = Path(record["log"]).read_text()
+    assert f"run {record['run_id']} stopped" in text
+    worker_lines = [line for line in text.splitlines() if " pipeline.workers: (" in line and "EncodeTokens" in line]
+    assert any("ValueError: " in line and "not a complete CLIP vision checkpoint" in line for line in worker_lines)

@@ -176,6 +176,49 @@ def test_map_style_dataset_and_loader(video_output):
     assert sorted(seen) == sorted(reader.video_ids())
 
 
+ENCODING_STACK = ("decord", "av", "ray", "transformers", "PIL", "einops")
+WITHOUT_ENCODING_STACK = """
+import sys
+
+class Unavailable:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in {blocked!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked by the test)")
+
+sys.meta_path.insert(0, Unavailable())
+sys.path.insert(0, {root!r})
+import torch
+from torch.utils.data import DataLoader
+from pipeline.dataset import Budget, TokenDataset, collate_tokens
+from pipeline.reader import TokenReader
+from pipeline.sequence import SequenceLayout, llava_sequence
+
+dataset = TokenDataset({output!r}, budget=Budget(max_frames=2), layout=SequenceLayout(frame_separator=True))
+batch = next(iter(DataLoader(dataset, batch_size=len(dataset), collate_fn=collate_tokens)))
+print(len(dataset), int(batch["attention_mask"].sum()), int(batch["frame_mask"].sum()))
+loaded = sorted(name for name in sys.modules if name.partition(".")[0] in {blocked!r})
+assert not loaded, loaded
+"""
+
+
+def test_training_side_reads_without_the_decoding_and_encoding_stack(video_output):
+    """Training nodes (often aarch64, where decord has no wheels) read shards with torch, numpy and pyarrow
+    alone: the reader, sequences and datasets import and load a real output with decord, PyAV, Ray,
+    transformers, Pillow and einops unimportable."""
+    script = WITHOUT_ENCODING_STACK.format(blocked=ENCODING_STACK, root=str(ROOT), output=str(video_output))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd="/")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    dataset = TokenDataset(str(video_output), budget=Budget(max_frames=2), layout=SequenceLayout(frame_separator=True))
+    batch = next(iter(DataLoader(dataset, batch_size=len(dataset), collate_fn=collate_tokens)))
+    expected = f"{len(dataset)} {int(batch['attention_mask'].sum())} {int(batch['frame_mask'].sum())}"
+    assert result.stdout.split() == expected.split()
+
+    blocked = subprocess.run([sys.executable, "-c", script.replace("from pipeline.sequence", "import decord\nfrom pipeline.sequence")],
+                             capture_output=True, text=True, timeout=120, cwd="/")
+    assert blocked.returncode != 0 and "blocked by the test" in blocked.stderr, "the block itself must work"
+
+
 def test_iterable_dataset_splits_over_workers_and_ranks(video_output):
     ids = sorted(TokenReader(str(video_output)).video_ids())
     streamed = TokenIterableDataset(str(video_output))

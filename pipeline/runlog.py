@@ -1,0 +1,167 @@
+"""A run's identity and records: its id, its log file ``OUT/logs/<run-id>.log``, and its record
+``OUT/runs/<run-id>.json``, of which ``OUT/manifest.json`` is a copy of the newest.
+
+The job logs with the standard `logging` module under the project's logger names (``pipeline.*``,
+``operators.*``). While a `RunLog` is open those records go to the run's log file, and so does every
+line of output Ray forwards from the job's workers (decoder messages, tracebacks of failed tasks), which
+Ray itself prints only to the driver's console.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import tempfile
+import time
+
+from pipeline.inputs import filesystem_and_path, is_local
+
+PROJECT_LOGGERS = ("pipeline", "operators")
+WORKER_LOGGER = "pipeline.workers"
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+SETTLE_S = 1.0  # how long a failing run waits for the workers' last output before closing its log
+_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_UTC = "%Y-%m-%dT%H:%M:%SZ"
+
+logger = logging.getLogger(__name__)
+
+
+def new_run_id() -> str:
+    """``YYYYMMDDTHHMMSSZ-xxxxxx``: the UTC start time and 6 random hex digits, so ids sort by start time
+    and two runs started in the same second still differ."""
+    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(3)}"
+
+
+def utc_timestamp(seconds: float) -> str:
+    """``seconds`` since the epoch as ``2026-11-29T07:15:30Z``."""
+    return time.strftime(_UTC, time.gmtime(seconds))
+
+
+def log_formatter() -> logging.Formatter:
+    """Log lines as ``2026-11-29T07:15:30Z INFO pipeline.run: message`` (UTC)."""
+    formatter = logging.Formatter(_FORMAT, datefmt=_UTC)
+    formatter.converter = time.gmtime
+    return formatter
+
+
+def set_project_level(level: str) -> None:
+    """Let the project's records at ``level`` and above through (other libraries keep their levels)."""
+    for name in PROJECT_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+
+
+def configure_console(level: str) -> None:
+    """The command line's console: the project's records at ``level`` on stderr (warnings of other
+    libraries too, as Python shows them by default)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(log_formatter())
+    handler.setLevel(level)
+    logging.getLogger().addHandler(handler)
+    set_project_level(level)
+
+
+class RunLog:
+    """Context manager: while open, log records at ``level`` and Ray's worker output go to the run's log file.
+
+    A local output gets ``OUT/logs/<run-id>.log`` written as the run goes (``tail -f`` works); for an
+    object-store output the log is written to a local temporary file and uploaded when the run ends.
+    Ray's worker output reaches the driver only when Ray was started with ``log_to_driver=True`` (the
+    default; the job starts it so).
+    """
+
+    def __init__(self, output: str, run_id: str, level: str) -> None:
+        if level not in LEVELS:
+            raise ValueError(f"log level must be one of {LEVELS}, got {level!r}")
+        self.run_id = run_id
+        self.level = level
+        self._fs, root = filesystem_and_path(output)
+        self.path = f"{root}/logs/{run_id}.log"  # where the log ends up (a path on the output's filesystem)
+        self._local = is_local(self._fs)
+        self._handler: logging.FileHandler | None = None
+        self._forwarding = f"video-token-cache-{run_id}"
+        self._forwarding_active = False
+
+    def __enter__(self) -> "RunLog":
+        if self._local:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            target = self.path
+        else:
+            handle, target = tempfile.mkstemp(prefix=f"{self.run_id}-", suffix=".log")
+            os.close(handle)
+        self._handler = logging.FileHandler(target, encoding="utf-8")
+        self._handler.setFormatter(log_formatter())
+        self._handler.setLevel(self.level)
+        logging.getLogger().addHandler(self._handler)
+        set_project_level(self.level)
+
+        workers = logging.getLogger(WORKER_LOGGER)
+        workers.propagate = False  # Ray already prints these lines on the console
+        workers.addHandler(self._handler)
+        self._start_forwarding(workers)
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is not None and self._forwarding_active:
+            # The run is stopping on an error, often a worker's: give Ray a moment to deliver that worker's
+            # last output (its traceback), which it streams with a lag of a fraction of a second.
+            time.sleep(SETTLE_S)
+        self._stop_forwarding()
+        handler, self._handler = self._handler, None
+        logging.getLogger().removeHandler(handler)
+        logging.getLogger(WORKER_LOGGER).removeHandler(handler)
+        handler.close()
+        if not self._local:
+            self._fs.create_dir(os.path.dirname(self.path), recursive=True)
+            with open(handler.baseFilename, "rb") as source, self._fs.open_output_stream(self.path) as target:
+                target.write(source.read())
+            os.unlink(handler.baseFilename)
+
+    def _start_forwarding(self, workers: logging.Logger) -> None:
+        """Copy the worker output Ray streams to this driver into ``workers`` (stderr lines as warnings)."""
+        try:
+            # Ray has no public hook for this stream; its driver console printer subscribes the same way.
+            from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+            from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC
+        except ImportError:
+            logger.warning("this Ray version offers no worker output stream: worker messages reach the console "
+                           "only, not %s", self.path)
+            return
+
+        def forward(data: dict) -> None:
+            if data.get("pid") == "autoscaler":
+                return  # the autoscaler's periodic status report; Ray's console hides it too
+            source = data.get("actor_name") or data.get("task_name") or "worker"
+            level = logging.WARNING if data.get("is_err") else logging.INFO
+            for line in data.get("lines", ()):
+                if RAY_TQDM_MAGIC not in line:  # progress-bar state, not text
+                    workers.log(level, "(%s pid=%s) %s", source, data.get("pid"), line)
+
+        dispatcher.add_handler(self._forwarding, forward)
+        self._forwarding_active = True
+
+    def _stop_forwarding(self) -> None:
+        if self._forwarding_active:
+            from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+            dispatcher.remove_handler(self._forwarding)
+            self._forwarding_active = False
+
+
+def write_run_record(output: str, run_id: str, record: dict) -> str:
+    """Write ``record`` as ``OUT/runs/<run-id>.json`` and copy it to ``OUT/manifest.json`` (the newest run).
+
+    Each file is written under a temporary name and renamed into place, so a reader never sees half of
+    one. Returns the record's path.
+    """
+    fs, root = filesystem_and_path(output)
+    fs.create_dir(f"{root}/runs", recursive=True)
+    data = json.dumps(record, indent=2, default=str).encode()
+    path = f"{root}/runs/{run_id}.json"
+    for final in (path, f"{root}/manifest.json"):
+        temporary = f"{os.path.dirname(final)}/.{os.path.basename(final)}.{run_id}.tmp"
+        with fs.open_output_stream(temporary) as stream:
+            stream.write(data)
+        fs.move(temporary, final)
+    return path
