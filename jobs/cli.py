@@ -51,7 +51,7 @@ def main(media: str, description: str, defaults: dict | None = None) -> int:
     except ModelUnavailableError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, ValueError) as error:
+    except (OSError, ValueError) as error:  # a missing input, an unwritable output, settings that clash
         print(f"error: {error}", file=sys.stderr)
         return 2
     for line in summary.lines():

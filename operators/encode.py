@@ -63,23 +63,20 @@ def load_vision_tower(model_name_or_path: str, dtype: torch.dtype) -> CLIPVision
     """Load a Hugging Face CLIP vision tower (a `CLIPVisionModel` or full `CLIPModel` checkpoint).
 
     A full CLIP checkpoint's text tower and projections are left out on purpose, so transformers' load
-    report, which lists each of those weights (hundreds of lines per encoder actor), and its progress bar
-    are not shown. What that report exists to warn about is checked here instead.
+    report, which lists each of those weights (hundreds of lines per encoder actor), is not shown. What
+    that report exists to warn about is checked here instead.
 
     Raises:
         ModelUnavailableError: the checkpoint cannot be found (see `_from_pretrained`).
         ValueError: the checkpoint lacks weights of the vision tower, or holds them with other shapes
             (the tower would run with random values for them).
     """
-    verbosity, progress_bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     try:
         model, info = _from_pretrained(CLIPVisionModel, model_name_or_path, dtype=dtype, output_loading_info=True)
     finally:
         hf_logging.set_verbosity(verbosity)
-        if progress_bars:
-            hf_logging.enable_progress_bar()
     absent = sorted(info["missing_keys"]) + sorted(str(key) for key in info["mismatched_keys"])
     if absent:
         raise ValueError(f"{model_name_or_path!r} is not a complete CLIP vision checkpoint: {len(absent)} vision "

@@ -157,3 +157,21 @@ def _key_rows(fs: pafs.FileSystem, directory: str, columns: list[str]) -> Iterat
     table = dataset.to_table(columns=columns)
     yield from zip(*(table.column(c).to_pylist() for c in columns))
 
+
+
+def error_files(output: str) -> set[str]:
+    """Paths of the complete files in ``OUT/errors`` (temporary dot-files are not listed)."""
+    fs, root = filesystem_and_path(output)
+    directory = f"{root}/errors"
+    if fs.get_file_info(directory).type != pafs.FileType.Directory:
+        return set()
+    return set(pads.dataset(directory, format="parquet", filesystem=fs).files)
+
+
+def read_error_rows(output: str, files: set[str]) -> list[dict]:
+    """The error rows of ``files`` (from `error_files`), sorted by source path and frames."""
+    if not files:
+        return []
+    fs, _ = filesystem_and_path(output)
+    rows = pads.dataset(sorted(files), format="parquet", filesystem=fs).to_table().to_pylist()
+    return sorted(rows, key=lambda row: (row["source_path"], row["frame_indices"]))

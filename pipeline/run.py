@@ -17,7 +17,7 @@ from transformers import CLIPVisionConfig
 
 from operators.encode import load_vision_config
 from pipeline.config import EncodeConfig
-from pipeline.inputs import InputItem, filesystem_and_path, list_inputs, read_committed
+from pipeline.inputs import InputItem, error_files, filesystem_and_path, list_inputs, read_committed, read_error_rows
 from pipeline.runlog import RunLog, new_run_id, utc_timestamp, write_run_record
 from pipeline.schema import SCHEMA_VERSION, read_file_metadata
 from pipeline.sink import ShardSink, WriteStats, remove_stale_temporaries
@@ -33,10 +33,12 @@ logger = logging.getLogger(__name__)
 class RunSummary:
     """What one run did. Each input counts once: ``encoded`` (all its sampled frames are in shards),
     ``partly_failed`` (some frames in shards, some in errors, e.g. a damaged tail), ``failed`` (errors
-    only), ``skipped`` (nothing left to do from earlier runs), or ``missing`` (neither: a fault)."""
+    only), ``skipped`` (nothing left to do from earlier runs; ``skipped_failed`` of them have error
+    rows), or ``missing`` (neither: a fault)."""
 
     inputs: int
     skipped: int
+    skipped_failed: int
     encoded: int
     partly_failed: int
     failed: int
@@ -50,9 +52,10 @@ class RunSummary:
     wall_s: float
 
     def lines(self) -> list[str]:
+        failed_before = f", of which {self.skipped_failed} failed before" if self.skipped_failed else ""
         lines = [
             f"inputs {self.inputs}: encoded {self.encoded}, partly failed {self.partly_failed}, failed {self.failed}, "
-            f"skipped (already committed) {self.skipped}",
+            f"skipped (already committed) {self.skipped}{failed_before}",
             f"frames {self.frames} ({self.rows} rows incl. tiles), mean tokens/row {self.mean_tokens_per_row:.1f}",
             f"{self.frames_per_s:.2f} frames/s over {self.wall_s:.1f} s, {self.bytes_written / 1e6:.2f} MB written, "
             f"{self.error_rows} error rows",
@@ -171,12 +174,14 @@ def run(config: EncodeConfig) -> RunSummary:
     Checks that need no Ray (the model's config, the output's settings, the input listing) run first and
     raise before anything is written. Then the run gets an id; its log goes to ``OUT/logs/<run-id>.log``
     and its record (config, versions, summary, status) to ``OUT/runs/<run-id>.json`` and
-    ``OUT/manifest.json``, also when the run fails.
+    ``OUT/manifest.json``, also when the run fails or is interrupted. Every error row the run commits
+    is logged with its reason, also when it stops early.
 
     Raises:
         ModelUnavailableError: the model's config cannot be loaded.
         ValueError: the output holds shards made with other settings, or the input listing is malformed.
         FileNotFoundError: the input does not exist.
+        OSError: the output cannot be written.
     """
     started = time.time()
     vision = load_vision_config(config.model)  # fails fast, before Ray starts, without the model
@@ -185,7 +190,7 @@ def run(config: EncodeConfig) -> RunSummary:
     logger.info("listing inputs of %s", config.input)
     inputs = list_inputs(config.input, config.media)
 
-    run_id = new_run_id()
+    run_id = new_run_id(started)
     record = {
         "run_id": run_id,
         "schema_version": SCHEMA_VERSION,
@@ -198,16 +203,24 @@ def run(config: EncodeConfig) -> RunSummary:
     with RunLog(config.output, run_id, config.log_level) as run_log:
         record["log"] = run_log.path
         logger.info("run %s: %s job, output %s, log %s", run_id, config.media, config.output, run_log.path)
-        logger.info("model %s, layer %d, method %s %s, sampling %s", config.model, config.layer, config.method,
-                    metadata_["method_params"], metadata_["sampling"])
+        sampling = f", sampling {metadata_['sampling']}" if config.media == "video" else ""
+        logger.info("model %s, layer %d, method %s %s%s", config.model, config.layer, config.method,
+                    metadata_["method_params"], sampling)
+        errors_before = error_files(config.output)
         try:
             summary, config = _encode(config, inputs, vision.image_size, metadata_, started)
         except BaseException as error:
-            logger.exception("run %s stopped: %s", run_id, type(error).__name__)
-            status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+            _log_failures(config.output, errors_before)
+            interrupted = isinstance(error, (KeyboardInterrupt, SystemExit))
+            if interrupted:
+                logger.error("run %s interrupted (%r)", run_id, error)
+            else:
+                logger.exception("run %s failed: %s", run_id, type(error).__name__)
+            status = "interrupted" if interrupted else "failed"
             write_run_record(config.output, run_id, {**record, "status": status, "error": repr(error),
                                                      "finished_at": utc_timestamp(time.time())})
             raise
+        _log_failures(config.output, errors_before)
         for line in summary.lines():
             logger.info("%s", line)
         path = write_run_record(config.output, run_id, {**record, "config": config.to_dict(), "status": "completed",
@@ -218,7 +231,7 @@ def run(config: EncodeConfig) -> RunSummary:
 
 def _encode(config: EncodeConfig, inputs: list[InputItem], image_size: int, metadata_: dict,
             started: float) -> tuple[RunSummary, EncodeConfig]:
-    """Plan against what earlier runs committed, run the graph, log each failure, and summarise.
+    """Plan against what earlier runs committed, run the graph, and summarise.
 
     Returns the summary and the config with the encoder device that was chosen filled in."""
     removed = remove_stale_temporaries(config.output)
@@ -226,7 +239,7 @@ def _encode(config: EncodeConfig, inputs: list[InputItem], image_size: int, meta
         logger.info("removed %d temporary files left by an interrupted run", removed)
     done, failed = read_committed(config.output)
     rows = pending_rows(inputs, done, failed, config.media)
-    _log_plan(inputs, rows, failed)
+    _log_plan(inputs, rows, failed, config.media)
 
     sink = ShardSink(config.output, metadata_, config.rows_per_shard)
     if rows:
@@ -236,24 +249,43 @@ def _encode(config: EncodeConfig, inputs: list[InputItem], image_size: int, meta
         logger.info("Ray at %s: %d encoder actor(s) on %s", ray.get_runtime_context().gcs_address, actors,
                     config.device)
         build_dataset(rows, config, image_size, actors, gpus).write_datasink(sink)
-
-    for failure in sink.stats.failures:
-        frames = f" (frames {', '.join(map(str, failure['frame_indices']))})" if failure["frame_indices"] else ""
-        logger.warning("failed: %s: %s: %s%s", failure["source_path"], failure["error_type"],
-                       failure["error_message"], frames)
     return summarize_run(inputs, rows, done, failed, sink.stats, time.time() - started), config
 
 
-def _log_plan(inputs: list[InputItem], rows: list[dict], failed: dict) -> None:
+def _log_plan(inputs: list[InputItem], rows: list[dict], failed: dict, media: str) -> None:
+    if not inputs:
+        logger.warning("no %s inputs found", media)
+    for item in inputs:
+        logger.debug("input %s: %s", item.video_id, item.source_path)
     todo = {row["video_id"] for row in rows}
-    resumed = sum(1 for row in rows if row["done_frames"] or row["failed_frames"])
     skipped = [item for item in inputs if item.video_id not in todo]
     failed_before = sum(1 for item in skipped if item.video_id in failed)
-    logger.info("inputs: %d found, %d to plan (%d with frames from earlier runs: only frames in neither shards nor "
-                "errors are encoded)", len(inputs), len(rows), resumed)
-    if skipped:
-        logger.info("skipped: %d already encoded, %d failed in an earlier run (recorded failures are not retried; "
-                    "delete their error files to retry)", len(skipped) - failed_before, failed_before)
+    if media == "video":
+        resumed = [row for row in rows if row["done_frames"] or row["failed_frames"]]
+        logger.info("inputs: %d found, %d to plan (%d with frames from earlier runs: only frames in neither "
+                    "shards nor errors are encoded)", len(inputs), len(rows), len(resumed))
+        for row in resumed:
+            logger.debug("resuming %s: %d frames in shards, %d in errors", row["source_path"],
+                         len(row["done_frames"]), len(row["failed_frames"]))
+    else:
+        logger.info("inputs: %d found, %d to encode, %d already encoded", len(inputs), len(rows),
+                    len(skipped) - failed_before)
+    if failed_before:
+        logger.info("skipped: %d inputs failed in an earlier run (recorded failures are not retried; delete "
+                    "their error files to retry)", failed_before)
+
+
+def _log_failures(output: str, before: set[str]) -> None:
+    """Log each error row committed since ``before`` (the error files that existed then)."""
+    try:
+        failures = read_error_rows(output, error_files(output) - before)
+    except OSError as error:
+        logger.warning("cannot read this run's error rows back from %s: %s", output, error)
+        return
+    for failure in failures:
+        frames = f" (frames {', '.join(map(str, failure['frame_indices']))})" if failure["frame_indices"] else ""
+        logger.warning("failed: %s: %s: %s%s", failure["source_path"], failure["error_type"],
+                       failure["error_message"], frames)
 
 
 def summarize_run(inputs: list[InputItem], rows: list[dict], done: dict, failed: dict, stats: WriteStats,
@@ -269,6 +301,7 @@ def summarize_run(inputs: list[InputItem], rows: list[dict], done: dict, failed:
     return RunSummary(
         inputs=len(inputs),
         skipped=len(seen_before - touched),
+        skipped_failed=len((seen_before - touched) & set(failed)),
         encoded=len(touched - with_errors),
         partly_failed=len(touched & with_tokens & with_errors),
         failed=len(touched & with_errors - with_tokens),

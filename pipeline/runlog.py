@@ -12,9 +12,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 import tempfile
 import time
+
+import pyarrow.fs as pafs
 
 from pipeline.inputs import filesystem_and_path, is_local
 
@@ -22,16 +25,20 @@ PROJECT_LOGGERS = ("pipeline", "operators")
 WORKER_LOGGER = "pipeline.workers"
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 SETTLE_S = 1.0  # how long a failing run waits for the workers' last output before closing its log
+TEMP_PREFIX = ".tmp-"  # files being written; a killed run's leftovers are removed by the next run
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _UTC = "%Y-%m-%dT%H:%M:%SZ"
+_TERMINAL_CODES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 logger = logging.getLogger(__name__)
 
 
-def new_run_id() -> str:
-    """``YYYYMMDDTHHMMSSZ-xxxxxx``: the UTC start time and 6 random hex digits, so ids sort by start time
-    and two runs started in the same second still differ."""
-    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(3)}"
+def new_run_id(seconds: float | None = None) -> str:
+    """``YYYYMMDDTHHMMSS.mmmZ-xxxxxx``: the UTC start time to the millisecond and 6 random hex digits, so
+    ids sort by start time and two runs started in the same millisecond still differ."""
+    milliseconds = int((time.time() if seconds is None else seconds) * 1000)
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(milliseconds // 1000))
+    return f"{stamp}.{milliseconds % 1000:03d}Z-{secrets.token_hex(3)}"
 
 
 def utc_timestamp(seconds: float) -> str:
@@ -39,11 +46,30 @@ def utc_timestamp(seconds: float) -> str:
     return time.strftime(_UTC, time.gmtime(seconds))
 
 
-def log_formatter() -> logging.Formatter:
-    """Log lines as ``2026-11-29T07:15:30Z INFO pipeline.run: message`` (UTC)."""
-    formatter = logging.Formatter(_FORMAT, datefmt=_UTC)
-    formatter.converter = time.gmtime
-    return formatter
+def plain_text(text: str) -> str:
+    """``text`` as a file should keep it: terminal colour codes removed, and each line that a progress
+    bar redrew with carriage returns reduced to its last state."""
+    lines = _TERMINAL_CODES.sub("", text).split("\n")
+    return "\n".join(line.rstrip("\r").rpartition("\r")[2] for line in lines)
+
+
+class _Formatter(logging.Formatter):
+    """``2026-11-29T07:15:30Z INFO pipeline.run: message`` (UTC). For a file (``plain=True``) terminal
+    colour codes are removed and a progress bar's line keeps only its last state (the text after its
+    last carriage return)."""
+
+    converter = time.gmtime
+
+    def __init__(self, plain: bool) -> None:
+        super().__init__(_FORMAT, datefmt=_UTC)
+        self.plain = plain
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not self.plain:
+            return super().format(record)
+        text = super().format(logging.makeLogRecord({**record.__dict__, "msg": plain_text(record.getMessage()),
+                                                     "args": None}))
+        return _TERMINAL_CODES.sub("", text)  # a traceback can carry them too
 
 
 def set_project_level(level: str) -> None:
@@ -52,32 +78,46 @@ def set_project_level(level: str) -> None:
         logging.getLogger(name).setLevel(level)
 
 
+def location(output: str, relative: str) -> str:
+    """Where ``relative`` lies under the output, as a user names it: an absolute path, or a URI."""
+    if "://" in output:
+        return f"{output.rstrip('/')}/{relative}"
+    return os.path.join(os.path.abspath(output), relative)
+
+
 def configure_console(level: str) -> None:
     """The command line's console: the project's records at ``level`` on stderr (warnings of other
     libraries too, as Python shows them by default)."""
     handler = logging.StreamHandler()
-    handler.setFormatter(log_formatter())
+    handler.setFormatter(_Formatter(plain=False))
     handler.setLevel(level)
     logging.getLogger().addHandler(handler)
     set_project_level(level)
 
 
 class RunLog:
-    """Context manager: while open, log records at ``level`` and Ray's worker output go to the run's log file.
+    """Context manager: while open, the project's log records and Ray's worker output go to the run's log file.
 
-    A local output gets ``OUT/logs/<run-id>.log`` written as the run goes (``tail -f`` works); for an
-    object-store output the log is written to a local temporary file and uploaded when the run ends.
-    Ray's worker output reaches the driver only when Ray was started with ``log_to_driver=True`` (the
-    default; the job starts it so).
+    The file keeps INFO and above whatever ``level`` the console shows (DEBUG too when ``level`` is
+    DEBUG), so every run's log holds its plan, failures and summary. A local output gets
+    ``OUT/logs/<run-id>.log`` written as the run goes (``tail -f`` works); for an object-store output
+    the log is written to a local temporary file and uploaded when the run ends. Ray's worker output
+    reaches the driver only when Ray was started with ``log_to_driver=True`` (the default; the job
+    starts it so); Ray's own notices about workers it lost reach the console only.
+
+    Raises:
+        ValueError: ``level`` is not one of `LEVELS`.
+        OSError: the log directory cannot be created (entering).
     """
 
     def __init__(self, output: str, run_id: str, level: str) -> None:
         if level not in LEVELS:
             raise ValueError(f"log level must be one of {LEVELS}, got {level!r}")
         self.run_id = run_id
-        self.level = level
+        self.level = "DEBUG" if level == "DEBUG" else "INFO"
         self._fs, root = filesystem_and_path(output)
-        self.path = f"{root}/logs/{run_id}.log"  # where the log ends up (a path on the output's filesystem)
+        self._target = f"{root}/logs/{run_id}.log"  # the log's path on the output's filesystem
+        self.path = location(output, f"logs/{run_id}.log")  # the same, as a user names it
         self._local = is_local(self._fs)
         self._handler: logging.FileHandler | None = None
         self._forwarding = f"video-token-cache-{run_id}"
@@ -85,16 +125,19 @@ class RunLog:
 
     def __enter__(self) -> "RunLog":
         if self._local:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            target = self.path
+            os.makedirs(os.path.dirname(self._target), exist_ok=True)
+            target = self._target
         else:
             handle, target = tempfile.mkstemp(prefix=f"{self.run_id}-", suffix=".log")
             os.close(handle)
         self._handler = logging.FileHandler(target, encoding="utf-8")
-        self._handler.setFormatter(log_formatter())
+        self._handler.setFormatter(_Formatter(plain=True))
         self._handler.setLevel(self.level)
         logging.getLogger().addHandler(self._handler)
-        set_project_level(self.level)
+        for name in PROJECT_LOGGERS:  # let INFO through to the file even if the console shows less
+            project = logging.getLogger(name)
+            if project.getEffectiveLevel() > logging.getLevelName(self.level):
+                project.setLevel(self.level)
 
         workers = logging.getLogger(WORKER_LOGGER)
         workers.propagate = False  # Ray already prints these lines on the console
@@ -113,8 +156,8 @@ class RunLog:
         logging.getLogger(WORKER_LOGGER).removeHandler(handler)
         handler.close()
         if not self._local:
-            self._fs.create_dir(os.path.dirname(self.path), recursive=True)
-            with open(handler.baseFilename, "rb") as source, self._fs.open_output_stream(self.path) as target:
+            self._fs.create_dir(os.path.dirname(self._target), recursive=True)
+            with open(handler.baseFilename, "rb") as source, self._fs.open_output_stream(self._target) as target:
                 target.write(source.read())
             os.unlink(handler.baseFilename)
 
@@ -136,7 +179,7 @@ class RunLog:
             level = logging.WARNING if data.get("is_err") else logging.INFO
             for line in data.get("lines", ()):
                 if RAY_TQDM_MAGIC not in line:  # progress-bar state, not text
-                    workers.log(level, "(%s pid=%s) %s", source, data.get("pid"), line)
+                    workers.log(level, "(%s pid=%s) %s", source, data.get("pid"), plain_text(line))
 
         dispatcher.add_handler(self._forwarding, forward)
         self._forwarding_active = True
@@ -153,15 +196,26 @@ def write_run_record(output: str, run_id: str, record: dict) -> str:
     """Write ``record`` as ``OUT/runs/<run-id>.json`` and copy it to ``OUT/manifest.json`` (the newest run).
 
     Each file is written under a temporary name and renamed into place, so a reader never sees half of
-    one. Returns the record's path.
+    one. A ``manifest.json`` from before runs were recorded (it has no ``run_id``) is first kept as
+    ``runs/legacy-<its finished_at>.json``. Returns where the record is, as a user names it.
     """
     fs, root = filesystem_and_path(output)
     fs.create_dir(f"{root}/runs", recursive=True)
+    manifest = f"{root}/manifest.json"
+    if fs.get_file_info(manifest).type == pafs.FileType.File:
+        with fs.open_input_stream(manifest) as stream:
+            previous = json.loads(stream.read())
+        if "run_id" not in previous:
+            _write_atomically(fs, f"{root}/runs/legacy-{previous.get('finished_at', 'unknown')}.json",
+                              json.dumps(previous, indent=2).encode())
     data = json.dumps(record, indent=2, default=str).encode()
-    path = f"{root}/runs/{run_id}.json"
-    for final in (path, f"{root}/manifest.json"):
-        temporary = f"{os.path.dirname(final)}/.{os.path.basename(final)}.{run_id}.tmp"
-        with fs.open_output_stream(temporary) as stream:
-            stream.write(data)
-        fs.move(temporary, final)
-    return path
+    _write_atomically(fs, f"{root}/runs/{run_id}.json", data)
+    _write_atomically(fs, manifest, data)
+    return location(output, f"runs/{run_id}.json")
+
+
+def _write_atomically(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    temporary = f"{os.path.dirname(path)}/{TEMP_PREFIX}{secrets.token_hex(8)}-{os.path.basename(path)}"
+    with fs.open_output_stream(temporary) as stream:
+        stream.write(data)
+    fs.move(temporary, path)

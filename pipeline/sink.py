@@ -23,9 +23,9 @@ from ray.data.block import Block
 from ray.data.datasource.datasink import WriteResult
 
 from pipeline.inputs import filesystem_and_path
+from pipeline.runlog import TEMP_PREFIX
 from pipeline.schema import file_metadata, split_encoded
 
-TEMP_PREFIX = ".tmp-"
 # Shard rows are sorted by key and cut into row groups this small, so a reader that wants one video
 # reads the few row groups holding it, not the whole file.
 ROW_GROUP_ROWS = 64
@@ -44,7 +44,6 @@ class WriteStats:
     frames: set[tuple[str, int]] = field(default_factory=set)
     encoded_videos: set[str] = field(default_factory=set)
     failed_videos: set[str] = field(default_factory=set)
-    failures: list[dict] = field(default_factory=list)  # the error rows committed, as dicts of ERROR_SCHEMA
 
     def add(self, other: "WriteStats") -> None:
         self.rows += other.rows
@@ -55,7 +54,6 @@ class WriteStats:
         self.frames |= other.frames
         self.encoded_videos |= other.encoded_videos
         self.failed_videos |= other.failed_videos
-        self.failures += other.failures
 
 
 class ShardSink(Datasink[WriteStats]):
@@ -97,7 +95,6 @@ class ShardSink(Datasink[WriteStats]):
             stats.files += 1
             stats.error_rows = errors.num_rows
             stats.failed_videos = set(errors["video_id"].to_pylist())
-            stats.failures = errors.to_pylist()
         return stats
 
     def on_write_complete(self, write_result: WriteResult[WriteStats]) -> None:
@@ -121,11 +118,11 @@ def _commit(fs: pafs.FileSystem, directory: str, table: pa.Table, key_columns: l
 
 
 def remove_stale_temporaries(output: str) -> int:
-    """Delete temporary files a killed run left behind (only one job may write an output at a time)."""
+    """Delete temporary files a killed run left behind in the output and its shards/, errors/ and runs/
+    (only one job may write an output at a time)."""
     fs, root = filesystem_and_path(output)
     removed = 0
-    for sub in ("shards", "errors"):
-        directory = f"{root}/{sub}"
+    for directory in (root, f"{root}/shards", f"{root}/errors", f"{root}/runs"):
         if fs.get_file_info(directory).type != pafs.FileType.Directory:
             continue
         for info in fs.get_file_info(pafs.FileSelector(directory)):

@@ -236,7 +236,7 @@ def test_a_run_explains_itself_in_its_log_and_keeps_its_record(tmp_path, tiny_cl
     first = run(config)
     second = run(config)
     assert (first.inputs, first.encoded, first.partly_failed, first.failed, first.skipped) == (3, 1, 1, 1, 0)
-    assert (second.encoded, second.partly_failed, second.failed, second.skipped) == (0, 0, 0, 3)
+    assert (second.encoded, second.partly_failed, second.failed, second.skipped, second.skipped_failed) == (0, 0, 0, 3, 2)
 
     records = [json.loads(p.read_text()) for p in sorted((output / "runs").glob("*.json"))]
     assert len(records) == 2 and records[0]["run_id"] < records[1]["run_id"]
@@ -264,8 +264,9 @@ def test_a_run_explains_itself_in_its_log_and_keeps_its_record(tmp_path, tiny_cl
                for line in text.splitlines())
     later = logs[1].read_text()
     assert "inputs: 3 found, 2 to plan (2 with frames from earlier runs" in later
-    assert "skipped: 0 already encoded, 1 failed in an earlier run" in later
-    assert "inputs 3: encoded 0, partly failed 0, failed 0, skipped (already committed) 3" in later
+    assert "skipped: 1 inputs failed in an earlier run" in later
+    assert "inputs 3: encoded 0, partly failed 0, failed 0, skipped (already committed) 3, of which 2 failed before" in later
+    assert "failed: " not in later, "a run logs the failures it committed, not earlier runs'"
 
 
 def test_a_run_that_fails_records_it_and_its_log_holds_the_worker_traceback(tmp_path, tiny_clip_dir, ray_local):
@@ -288,6 +289,37 @@ def test_a_run_that_fails_records_it_and_its_log_holds_the_worker_traceback(tmp_
     assert record["status"] == "failed" and "not a complete CLIP vision checkpoint" in record["error"]
     assert json.loads((output / "manifest.json").read_text()) == record
     text = Path(record["log"]).read_text()
-    assert f"run {record['run_id']} stopped" in text
+    assert f"run {record['run_id']} failed: " in text
     worker_lines = [line for line in text.splitlines() if " pipeline.workers: (" in line and "EncodeTokens" in line]
     assert any("ValueError: " in line and "not a complete CLIP vision checkpoint" in line for line in worker_lines)
+
+
+def test_an_interrupted_run_logs_the_failures_it_committed_and_records_itself(tmp_path, tiny_clip_dir):
+    """Ctrl-C (SIGINT to the job's process group) after the first error file landed: the record says
+    interrupted, and every error row committed so far is named in the log with its reason, which keeps
+    INFO lines even though the console was asked for warnings only."""
+    inputs = make_video_inputs(tmp_path / "in", ["nasa_13013.mp4", "flipping_a_pancake.mkv"])
+    for i in range(4):
+        (inputs / f"junk{i}.mp4").write_text("not a video\n")
+    output = tmp_path / "out"
+    job = subprocess.Popen(job_command(inputs, output, tiny_clip_dir, "--fps", "4", "--segment-frames", "2",
+                                       "--batch-size", "2", "--rows-per-shard", "1", "--log-level", "WARNING"),
+                           start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((output / "errors").glob("part-*.parquet")) and job.poll() is None:
+        time.sleep(0.2)
+    os.killpg(job.pid, signal.SIGINT)
+    stdout, stderr = job.communicate(timeout=120)
+    assert job.returncode != 0, "interrupted before it finished"
+
+    (record_path,) = (output / "runs").glob("*.json")
+    record = json.loads(record_path.read_text())
+    assert record["status"] == "interrupted" and "KeyboardInterrupt" in record["error"], record
+    text = Path(record["log"]).read_text()
+    assert "inputs: 6 found, 6 to plan" in text, "the file keeps INFO whatever the console shows"
+    committed = read(output, "errors").to_pylist()
+    assert committed, "the job was stopped after an error file landed"
+    for row in committed:
+        assert f"failed: {row['source_path']}: {row['error_type']}: {row['error_message']}" in text
+    assert f"run {record['run_id']} interrupted" in text
+    assert "inputs: 6 found" not in stderr, "the console shows warnings and errors only"
