@@ -38,7 +38,7 @@ from pipeline.report import summarize  # noqa: E402
 from towers import TOWERS, save_tower  # noqa: E402
 
 VIDEOS = ROOT / "tests" / "data" / "videos"  # the real clips the tests carry
-UNDECODABLE = {"av1_video.mkv", "corrupted.mp4"}  # decord cannot open these (see DESIGN.md)
+UNDECODABLE = {"av1_video.mkv", "corrupted.mp4"}  # decord cannot open these (see tests/data/README.md)
 
 
 def decodable_clips() -> list[Path]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
 import typing
 
@@ -13,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from operators.encode import ModelUnavailableError  # noqa: E402
 from pipeline.config import EncodeConfig  # noqa: E402
-from pipeline.run import run  # noqa: E402
+from pipeline.run import RunFailed, RunSetupError, run  # noqa: E402
 from pipeline.runlog import configure_console  # noqa: E402
 
 
@@ -46,14 +47,23 @@ def main(media: str, description: str, defaults: dict | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     configure_console(config.log_level)
+    # SIGTERM (`ray job stop`, a scheduler, `timeout`) ends the run as Ctrl-C does, so it records itself.
+    # Ray's driver installs the same behaviour once it starts; this covers the time before that.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         summary = run(config)
     except ModelUnavailableError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except (OSError, ValueError) as error:  # a missing input, an unwritable output, settings that clash
+    except RunSetupError as error:  # a missing input, an unwritable output, settings that clash: nothing written
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except RunFailed as error:  # its traceback is already on the console and in the run's log
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # recorded as interrupted
+        print("interrupted", file=sys.stderr)
+        return 130
     for line in summary.lines():
         print(line)
     return 0

@@ -79,8 +79,9 @@ def load_vision_tower(model_name_or_path: str, dtype: torch.dtype) -> CLIPVision
         hf_logging.set_verbosity(verbosity)
     absent = sorted(info["missing_keys"]) + sorted(str(key) for key in info["mismatched_keys"])
     if absent:
-        raise ValueError(f"{model_name_or_path!r} is not a complete CLIP vision checkpoint: {len(absent)} vision "
-                         f"weights are missing or have other shapes ({', '.join(absent[:4])}...)")
+        listed = ", ".join(absent[:4]) + (f" and {len(absent) - 4} more" if len(absent) > 4 else "")
+        raise ValueError(f"{model_name_or_path!r} is not a complete CLIP vision checkpoint: vision weights "
+                         f"missing or of other shapes: {listed}")
     return model
 
 

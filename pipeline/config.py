@@ -54,7 +54,8 @@ class EncodeConfig:
     max_image_pixels: int = _flag("images larger than this are refused as decompression bombs", DEFAULT_MAX_PIXELS)
     ray_address: str | None = _flag("Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _flag(
-        "records at this level and above go to the console and to OUT/logs/<run-id>.log", "INFO",
+        "the job's messages at this level and above go to the console; OUT/logs/<run-id>.log always keeps INFO "
+        "and above (DEBUG too when asked)", "INFO",
         choices=LEVELS)
 
     def __post_init__(self) -> None:

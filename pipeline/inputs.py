@@ -158,7 +158,6 @@ def _key_rows(fs: pafs.FileSystem, directory: str, columns: list[str]) -> Iterat
     yield from zip(*(table.column(c).to_pylist() for c in columns))
 
 
-
 def error_files(output: str) -> set[str]:
     """Paths of the complete files in ``OUT/errors`` (temporary dot-files are not listed)."""
     fs, root = filesystem_and_path(output)

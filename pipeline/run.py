@@ -18,7 +18,7 @@ from transformers import CLIPVisionConfig
 from operators.encode import load_vision_config
 from pipeline.config import EncodeConfig
 from pipeline.inputs import InputItem, error_files, filesystem_and_path, list_inputs, read_committed, read_error_rows
-from pipeline.runlog import RunLog, new_run_id, utc_timestamp, write_run_record
+from pipeline.runlog import RunLog, new_run_id, plain_text, utc_timestamp, write_run_record
 from pipeline.schema import SCHEMA_VERSION, read_file_metadata
 from pipeline.sink import ShardSink, WriteStats, remove_stale_temporaries
 from pipeline.stages import EncodeTokens, decode_segment, plan_input
@@ -52,7 +52,7 @@ class RunSummary:
     wall_s: float
 
     def lines(self) -> list[str]:
-        failed_before = f", of which {self.skipped_failed} failed before" if self.skipped_failed else ""
+        failed_before = f", {self.skipped_failed} of them with error rows" if self.skipped_failed else ""
         lines = [
             f"inputs {self.inputs}: encoded {self.encoded}, partly failed {self.partly_failed}, failed {self.failed}, "
             f"skipped (already committed) {self.skipped}{failed_before}",
@@ -168,31 +168,63 @@ def build_dataset(rows: list[dict], config: EncodeConfig, image_size: int, actor
     )
 
 
+class RunSetupError(Exception):
+    """The run could not start: the input is missing, unreadable or holds no media, the output cannot be
+    written, or it holds shards made with other settings. No work was done and nothing was written
+    (where the output is only partly writable, an empty log file may be left)."""
+
+
+class RunFailed(RuntimeError):
+    """The run started (it has an id, a log and a record) and then failed; ``__cause__`` says why."""
+
+    def __init__(self, run_id: str, log: str, cause: BaseException) -> None:
+        super().__init__(f"run {run_id} failed: {brief(cause)} (traceback in {log})")
+        self.run_id = run_id
+        self.log = log
+
+
+def brief(error: BaseException) -> str:
+    """``Type: first line ... last line`` of an error, each at most 300 characters, colour codes removed.
+    Ray's errors carry a whole remote traceback whose last line names the original exception."""
+    lines = [line for line in plain_text(str(error)).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    last = f" ... {lines[-1].strip()[:300]}" if len(lines) > 1 else ""
+    return f"{type(error).__name__}: {lines[0].strip()[:300]}{last}"
+
+
 def run(config: EncodeConfig) -> RunSummary:
     """Encode every input of ``config`` into ``config.output``; inputs already committed are skipped.
 
-    Checks that need no Ray (the model's config, the output's settings, the input listing) run first and
-    raise before anything is written. Then the run gets an id; its log goes to ``OUT/logs/<run-id>.log``
+    Checks that need no Ray (the model's config, the output's settings, the input listing, that the
+    output can be written) run first. Then the run gets an id; its log goes to ``OUT/logs/<run-id>.log``
     and its record (config, versions, summary, status) to ``OUT/runs/<run-id>.json`` and
-    ``OUT/manifest.json``, also when the run fails or is interrupted. Every error row the run commits
-    is logged with its reason, also when it stops early.
+    ``OUT/manifest.json``: written at the start with status ``running``, and again when the run
+    completes, fails or is interrupted. Every error row the run commits is logged with its reason, also
+    when it stops early.
 
     Raises:
         ModelUnavailableError: the model's config cannot be loaded.
-        ValueError: the output holds shards made with other settings, or the input listing is malformed.
-        FileNotFoundError: the input does not exist.
-        OSError: the output cannot be written.
+        RunSetupError: the run could not start (see there); nothing was written.
+        RunFailed: the run failed after it started; its record says ``failed``.
+        KeyboardInterrupt, SystemExit: the run was interrupted (Ctrl-C, SIGTERM); its record says so.
     """
     started = time.time()
     vision = load_vision_config(config.model)  # fails fast, before Ray starts, without the model
     metadata_ = run_metadata(config, vision)
-    check_output_compatible(config.output, metadata_)
-    logger.info("listing inputs of %s", config.input)
-    inputs = list_inputs(config.input, config.media)
+    try:
+        check_output_compatible(config.output, metadata_)
+        logger.info("listing inputs of %s", config.input)
+        inputs = list_inputs(config.input, config.media)
+    except (OSError, ValueError) as error:
+        raise RunSetupError(str(error)) from error
+    if not inputs:
+        raise RunSetupError(f"--input {config.input!r} holds no {config.media} files")
 
     run_id = new_run_id(started)
     record = {
         "run_id": run_id,
+        "status": "running",
         "schema_version": SCHEMA_VERSION,
         "config": config.to_dict(),
         "run_metadata": metadata_,
@@ -200,32 +232,49 @@ def run(config: EncodeConfig) -> RunSummary:
         "command": sys.argv,
         "started_at": utc_timestamp(started),
     }
-    with RunLog(config.output, run_id, config.log_level) as run_log:
-        record["log"] = run_log.path
+    run_log = RunLog(config.output, run_id, config.log_level)
+    record["log"] = run_log.path
+    try:
+        run_log.open()
+        write_run_record(config.output, run_id, record)  # also proves the output can be written
+    except (OSError, ValueError) as error:
+        run_log.close()
+        raise RunSetupError(f"cannot write to the output {config.output}: {error}") from error
+    with run_log:
         logger.info("run %s: %s job, output %s, log %s", run_id, config.media, config.output, run_log.path)
         sampling = f", sampling {metadata_['sampling']}" if config.media == "video" else ""
         logger.info("model %s, layer %d, method %s %s%s", config.model, config.layer, config.method,
                     metadata_["method_params"], sampling)
-        errors_before = error_files(config.output)
+        errors_before: set[str] = set()
+        failures_logged = False
         try:
+            errors_before = error_files(config.output)
             summary, config = _encode(config, inputs, vision.image_size, metadata_, started)
-        except BaseException as error:
             _log_failures(config.output, errors_before)
+            failures_logged = True
+            for line in summary.lines():
+                logger.info("%s", line)
+            path = write_run_record(config.output, run_id, {
+                **record, "config": config.to_dict(), "status": "completed", "summary": asdict(summary),
+                "finished_at": utc_timestamp(time.time())})
+            logger.info("run record %s", path)
+        except BaseException as error:
             interrupted = isinstance(error, (KeyboardInterrupt, SystemExit))
+            if not failures_logged:
+                _log_failures(config.output, errors_before)
             if interrupted:
                 logger.error("run %s interrupted (%r)", run_id, error)
             else:
                 logger.exception("run %s failed: %s", run_id, type(error).__name__)
-            status = "interrupted" if interrupted else "failed"
-            write_run_record(config.output, run_id, {**record, "status": status, "error": repr(error),
-                                                     "finished_at": utc_timestamp(time.time())})
-            raise
-        _log_failures(config.output, errors_before)
-        for line in summary.lines():
-            logger.info("%s", line)
-        path = write_run_record(config.output, run_id, {**record, "config": config.to_dict(), "status": "completed",
-                                                        "summary": asdict(summary), "finished_at": utc_timestamp(time.time())})
-        logger.info("run record %s", path)
+            try:
+                write_run_record(config.output, run_id, {
+                    **record, "status": "interrupted" if interrupted else "failed", "error": brief(error),
+                    "finished_at": utc_timestamp(time.time())})
+            except Exception as record_error:  # noqa: BLE001 - the run's own error is the one to raise
+                logger.error("cannot write the run record: %s", brief(record_error))
+            if interrupted:
+                raise
+            raise RunFailed(run_id, run_log.path, error) from error
     return summary
 
 
@@ -253,8 +302,6 @@ def _encode(config: EncodeConfig, inputs: list[InputItem], image_size: int, meta
 
 
 def _log_plan(inputs: list[InputItem], rows: list[dict], failed: dict, media: str) -> None:
-    if not inputs:
-        logger.warning("no %s inputs found", media)
     for item in inputs:
         logger.debug("input %s: %s", item.video_id, item.source_path)
     todo = {row["video_id"] for row in rows}
@@ -271,21 +318,23 @@ def _log_plan(inputs: list[InputItem], rows: list[dict], failed: dict, media: st
         logger.info("inputs: %d found, %d to encode, %d already encoded", len(inputs), len(rows),
                     len(skipped) - failed_before)
     if failed_before:
-        logger.info("skipped: %d inputs failed in an earlier run (recorded failures are not retried; delete "
+        logger.info("inputs skipped as failed in an earlier run: %d (recorded failures are not retried; delete "
                     "their error files to retry)", failed_before)
 
 
 def _log_failures(output: str, before: set[str]) -> None:
-    """Log each error row committed since ``before`` (the error files that existed then)."""
+    """Log each error row committed since ``before`` (the error files that existed then), one line each."""
     try:
         failures = read_error_rows(output, error_files(output) - before)
-    except OSError as error:
-        logger.warning("cannot read this run's error rows back from %s: %s", output, error)
+    except Exception as error:  # noqa: BLE001 - a report, not the run's work: never mask the run's outcome
+        logger.warning("cannot read this run's error rows back from %s: %s", output, brief(error))
         return
     for failure in failures:
         frames = f" (frames {', '.join(map(str, failure['frame_indices']))})" if failure["frame_indices"] else ""
-        logger.warning("failed: %s: %s: %s%s", failure["source_path"], failure["error_type"],
-                       failure["error_message"], frames)
+        lines = failure["error_message"].strip().splitlines() or [""]
+        more = f" [{len(lines) - 1} more lines in the error table]" if len(lines) > 1 else ""
+        logger.warning("failed: %s: %s: %s%s%s", failure["source_path"], failure["error_type"], lines[0][:500],
+                       more, frames)
 
 
 def summarize_run(inputs: list[InputItem], rows: list[dict], done: dict, failed: dict, stats: WriteStats,

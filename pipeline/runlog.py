@@ -9,6 +9,7 @@ Ray itself prints only to the driver's console.
 
 from __future__ import annotations
 
+import calendar
 import json
 import logging
 import os
@@ -124,6 +125,16 @@ class RunLog:
         self._forwarding_active = False
 
     def __enter__(self) -> "RunLog":
+        if self._handler is None:
+            self.open()
+        return self
+
+    def open(self) -> None:
+        """Create the log file and start copying records into it (`__enter__` does this if not done yet).
+
+        Raises:
+            OSError: the log directory or file cannot be created.
+        """
         if self._local:
             os.makedirs(os.path.dirname(self._target), exist_ok=True)
             target = self._target
@@ -143,10 +154,15 @@ class RunLog:
         workers.propagate = False  # Ray already prints these lines on the console
         workers.addHandler(self._handler)
         self._start_forwarding(workers)
-        return self
 
     def __exit__(self, exc_type, exc, traceback) -> None:
-        if exc_type is not None and self._forwarding_active:
+        self.close(failed=exc_type is not None)
+
+    def close(self, failed: bool = False) -> None:
+        """Stop copying records, close the file and, for an object-store output, upload it."""
+        if self._handler is None:
+            return  # never opened, or opening failed
+        if failed and self._forwarding_active:
             # The run is stopping on an error, often a worker's: give Ray a moment to deliver that worker's
             # last output (its traceback), which it streams with a lag of a fraction of a second.
             time.sleep(SETTLE_S)
@@ -162,7 +178,8 @@ class RunLog:
             os.unlink(handler.baseFilename)
 
     def _start_forwarding(self, workers: logging.Logger) -> None:
-        """Copy the worker output Ray streams to this driver into ``workers`` (stderr lines as warnings)."""
+        """Copy the worker output Ray streams to this driver into ``workers``, at INFO: it is raw material
+        (decoder chatter, progress bars, tracebacks); the job's own records say what went wrong."""
         try:
             # Ray has no public hook for this stream; its driver console printer subscribes the same way.
             from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
@@ -176,10 +193,9 @@ class RunLog:
             if data.get("pid") == "autoscaler":
                 return  # the autoscaler's periodic status report; Ray's console hides it too
             source = data.get("actor_name") or data.get("task_name") or "worker"
-            level = logging.WARNING if data.get("is_err") else logging.INFO
             for line in data.get("lines", ()):
                 if RAY_TQDM_MAGIC not in line:  # progress-bar state, not text
-                    workers.log(level, "(%s pid=%s) %s", source, data.get("pid"), plain_text(line))
+                    workers.info("(%s pid=%s) %s", source, data.get("pid"), plain_text(line))
 
         dispatcher.add_handler(self._forwarding, forward)
         self._forwarding_active = True
@@ -196,22 +212,41 @@ def write_run_record(output: str, run_id: str, record: dict) -> str:
     """Write ``record`` as ``OUT/runs/<run-id>.json`` and copy it to ``OUT/manifest.json`` (the newest run).
 
     Each file is written under a temporary name and renamed into place, so a reader never sees half of
-    one. A ``manifest.json`` from before runs were recorded (it has no ``run_id``) is first kept as
-    ``runs/legacy-<its finished_at>.json``. Returns where the record is, as a user names it.
+    one. A ``manifest.json`` from before runs were recorded (one without a ``run_id``, or not readable
+    as a record) is first kept as ``runs/<its finished_at as a run id>-legacy.json``, which sorts among
+    the run records by time. Returns where the record is, as a user names it.
+
+    Raises:
+        OSError: the output cannot be written.
     """
     fs, root = filesystem_and_path(output)
     fs.create_dir(f"{root}/runs", recursive=True)
     manifest = f"{root}/manifest.json"
-    if fs.get_file_info(manifest).type == pafs.FileType.File:
+    info = fs.get_file_info(manifest)
+    if info.type == pafs.FileType.File:
         with fs.open_input_stream(manifest) as stream:
-            previous = json.loads(stream.read())
-        if "run_id" not in previous:
-            _write_atomically(fs, f"{root}/runs/legacy-{previous.get('finished_at', 'unknown')}.json",
-                              json.dumps(previous, indent=2).encode())
+            previous = stream.read()
+        try:
+            finished = json.loads(previous)
+        except ValueError:
+            finished = None
+        if not isinstance(finished, dict) or "run_id" not in finished:
+            when = _parse_utc(finished.get("finished_at")) if isinstance(finished, dict) else None
+            when = when if when is not None else (info.mtime.timestamp() if info.mtime else 0.0)
+            stamp = new_run_id(when).split("-")[0]
+            _write_atomically(fs, f"{root}/runs/{stamp}-legacy.json", previous)
     data = json.dumps(record, indent=2, default=str).encode()
     _write_atomically(fs, f"{root}/runs/{run_id}.json", data)
     _write_atomically(fs, manifest, data)
     return location(output, f"runs/{run_id}.json")
+
+
+def _parse_utc(text) -> float | None:
+    """Seconds since the epoch of a ``2026-11-29T07:15:30Z`` timestamp, or None."""
+    try:
+        return calendar.timegm(time.strptime(text, _UTC))
+    except (TypeError, ValueError):
+        return None
 
 
 def _write_atomically(fs: pafs.FileSystem, path: str, data: bytes) -> None:

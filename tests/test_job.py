@@ -20,7 +20,7 @@ import pytest
 from operators.decode import probe_video
 from operators.sampling import FrameSampling, sample_frame_indices
 from pipeline.config import EncodeConfig
-from pipeline.run import run
+from pipeline.run import RunFailed, RunSetupError, run
 from pipeline.schema import ERROR_SCHEMA, read_file_metadata, shard_schema
 from media import DECODABLE, VIDEOS, video
 
@@ -205,7 +205,7 @@ def test_mixing_settings_into_one_output_is_refused(tmp_path, tiny_clip_dir, ray
     inputs = make_video_inputs(tmp_path / "in", ["h265_video.mp4"])
     output = tmp_path / "out"
     run(EncodeConfig(input=str(inputs), output=str(output), model=str(tiny_clip_dir), num_frames=2))
-    with pytest.raises(ValueError, match="different settings"):
+    with pytest.raises(RunSetupError, match="different settings"):
         run(EncodeConfig(input=str(inputs), output=str(output), model=str(tiny_clip_dir), num_frames=2,
                          method="prumerge+"))
 
@@ -264,8 +264,8 @@ def test_a_run_explains_itself_in_its_log_and_keeps_its_record(tmp_path, tiny_cl
                for line in text.splitlines())
     later = logs[1].read_text()
     assert "inputs: 3 found, 2 to plan (2 with frames from earlier runs" in later
-    assert "skipped: 1 inputs failed in an earlier run" in later
-    assert "inputs 3: encoded 0, partly failed 0, failed 0, skipped (already committed) 3, of which 2 failed before" in later
+    assert "inputs skipped as failed in an earlier run: 1" in later
+    assert "inputs 3: encoded 0, partly failed 0, failed 0, skipped (already committed) 3, 2 of them with error rows" in later
     assert "failed: " not in later, "a run logs the failures it committed, not earlier runs'"
 
 
@@ -281,12 +281,13 @@ def test_a_run_that_fails_records_it_and_its_log_holds_the_worker_traceback(tmp_
               damaged / "model.safetensors", metadata={"format": "pt"})
     inputs = make_video_inputs(tmp_path / "in", ["h265_video.mp4"])
     output = tmp_path / "out"
-    with pytest.raises(Exception, match="not a complete CLIP vision checkpoint"):
+    with pytest.raises(RunFailed, match="not a complete CLIP vision checkpoint") as failure:
         run(EncodeConfig(input=str(inputs), output=str(output), model=str(damaged), num_frames=2))
 
     (record_path,) = (output / "runs").glob("*.json")
     record = json.loads(record_path.read_text())
     assert record["status"] == "failed" and "not a complete CLIP vision checkpoint" in record["error"]
+    assert failure.value.run_id == record["run_id"] and failure.value.log == record["log"]
     assert json.loads((output / "manifest.json").read_text()) == record
     text = Path(record["log"]).read_text()
     assert f"run {record['run_id']} failed: " in text
@@ -323,3 +324,38 @@ def test_an_interrupted_run_logs_the_failures_it_committed_and_records_itself(tm
         assert f"failed: {row['source_path']}: {row['error_type']}: {row['error_message']}" in text
     assert f"run {record['run_id']} interrupted" in text
     assert "inputs: 6 found" not in stderr, "the console shows warnings and errors only"
+
+
+def test_runs_that_cannot_start_write_nothing_and_a_started_run_is_recorded_at_once(tmp_path, tiny_clip_dir):
+    """A missing input, an input with no media, and an output that cannot be written are refused before
+    anything is written (exit 2 from the command line); a run that starts writes its record at once,
+    so even a run killed outright leaves one (status running)."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no media here\n")
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "runs").write_text("a file where the runs/ directory belongs\n")
+    inputs = make_video_inputs(tmp_path / "in", ["h265_video.mp4"])
+    for source, output, reason in ((tmp_path / "missing", tmp_path / "o1", "does not exist"),
+                                   (empty, tmp_path / "o2", "holds no video files"),
+                                   (inputs, blocked, "cannot write to the output")):
+        with pytest.raises(RunSetupError, match=reason):
+            run(EncodeConfig(input=str(source), output=str(output), model=str(tiny_clip_dir), num_frames=2))
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    assert sorted(p.name for p in blocked.iterdir()) == ["logs", "runs"]  # runs/ is still the file
+    assert [p.stat().st_size for p in (blocked / "logs").iterdir()] == [0], "at most an empty log is left"
+    result = subprocess.run(job_command(empty, tmp_path / "o3", tiny_clip_dir), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and "holds no video files" in result.stderr and not (tmp_path / "o3").exists()
+
+    output = tmp_path / "out"
+    job = subprocess.Popen(job_command(inputs, output, tiny_clip_dir, "--num-frames", "2"), start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((output / "runs").glob("*.json")) and job.poll() is None:
+        time.sleep(0.1)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    (record,) = [json.loads(p.read_text()) for p in (output / "runs").glob("*.json")]
+    assert record["status"] == "running" and Path(record["log"]).exists()
