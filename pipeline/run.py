@@ -247,6 +247,7 @@ def run(config: EncodeConfig) -> RunSummary:
                     metadata_["method_params"], sampling)
         errors_before: set[str] = set()
         failures_logged = False
+        ray_was_running = ray.is_initialized()
         try:
             errors_before = error_files(config.output)
             summary, config = _encode(config, inputs, vision.image_size, metadata_, started)
@@ -260,6 +261,9 @@ def run(config: EncodeConfig) -> RunSummary:
             logger.info("run record %s", path)
         except BaseException as error:
             interrupted = isinstance(error, (KeyboardInterrupt, SystemExit))
+            run_log.settle()
+            if not ray_was_running and ray.is_initialized():
+                ray.shutdown()  # the Ray this run started: stop its tasks, so none commits after the list below
             if not failures_logged:
                 _log_failures(config.output, errors_before)
             if interrupted:

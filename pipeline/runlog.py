@@ -156,16 +156,18 @@ class RunLog:
         self._start_forwarding(workers)
 
     def __exit__(self, exc_type, exc, traceback) -> None:
-        self.close(failed=exc_type is not None)
+        self.close()
 
-    def close(self, failed: bool = False) -> None:
+    def settle(self) -> None:
+        """Give Ray a moment to deliver the workers' last output (a failing worker's traceback), which it
+        streams with a lag of a fraction of a second; call it before stopping Ray on an error."""
+        if self._forwarding_active:
+            time.sleep(SETTLE_S)
+
+    def close(self) -> None:
         """Stop copying records, close the file and, for an object-store output, upload it."""
         if self._handler is None:
             return  # never opened, or opening failed
-        if failed and self._forwarding_active:
-            # The run is stopping on an error, often a worker's: give Ray a moment to deliver that worker's
-            # last output (its traceback), which it streams with a lag of a fraction of a second.
-            time.sleep(SETTLE_S)
         self._stop_forwarding()
         handler, self._handler = self._handler, None
         logging.getLogger().removeHandler(handler)
