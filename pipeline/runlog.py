@@ -25,7 +25,7 @@ from pipeline.inputs import filesystem_and_path, is_local
 PROJECT_LOGGERS = ("pipeline", "operators")
 WORKER_LOGGER = "pipeline.workers"
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-SETTLE_S = 1.0  # how long a failing run waits for the workers' last output before closing its log
+SETTLE_S = 1.0  # how long a stopping run waits for the workers' last output (see `RunLog.settle`)
 TEMP_PREFIX = ".tmp-"  # files being written; a killed run's leftovers are removed by the next run
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _UTC = "%Y-%m-%dT%H:%M:%SZ"
@@ -37,9 +37,13 @@ logger = logging.getLogger(__name__)
 def new_run_id(seconds: float | None = None) -> str:
     """``YYYYMMDDTHHMMSS.mmmZ-xxxxxx``: the UTC start time to the millisecond and 6 random hex digits, so
     ids sort by start time and two runs started in the same millisecond still differ."""
-    milliseconds = int((time.time() if seconds is None else seconds) * 1000)
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(milliseconds // 1000))
-    return f"{stamp}.{milliseconds % 1000:03d}Z-{secrets.token_hex(3)}"
+    return f"{_id_stamp(time.time() if seconds is None else seconds)}-{secrets.token_hex(3)}"
+
+
+def _id_stamp(seconds: float) -> str:
+    """``YYYYMMDDTHHMMSS.mmmZ``: the time part of a run id."""
+    milliseconds = int(seconds * 1000)
+    return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(milliseconds // 1000))}.{milliseconds % 1000:03d}Z"
 
 
 def utc_timestamp(seconds: float) -> str:
@@ -235,8 +239,7 @@ def write_run_record(output: str, run_id: str, record: dict) -> str:
         if not isinstance(finished, dict) or "run_id" not in finished:
             when = _parse_utc(finished.get("finished_at")) if isinstance(finished, dict) else None
             when = when if when is not None else (info.mtime.timestamp() if info.mtime else 0.0)
-            stamp = new_run_id(when).split("-")[0]
-            _write_atomically(fs, f"{root}/runs/{stamp}-legacy.json", previous)
+            _write_atomically(fs, f"{root}/runs/{_id_stamp(when)}-legacy.json", previous)
     data = json.dumps(record, indent=2, default=str).encode()
     _write_atomically(fs, f"{root}/runs/{run_id}.json", data)
     _write_atomically(fs, manifest, data)
