@@ -1,157 +1,352 @@
-"""Video decoding with decord: probe once, then decode the sampled frames (`operators.sampling`) in
-bounded segments.
+"""Video decoding with PyAV on the **presented-frame timeline**: the frames a player shows, in the order it
+shows them, at the times it shows them.
 
-decord applies the container's rotation (display matrix) itself, so frames come out upright and a
-90°/270° video has its width and height swapped relative to the coded stream. It decodes straight
-to a requested size (ffmpeg's scaler), so full-resolution frames never leave the decoder.
+One `VideoReader` opens a file once. Its probe demuxes every packet of the video stream without
+decoding (plus the first frame, for the display rotation and to prove the stream decodes) and builds
+the timeline from the packets' presentation timestamps (pts):
 
-Damaged files: decord can often open a file whose later packets are broken (``corrupted.mp4``
-decodes frames 0-26 of 50). `decode_segments` raises a `VideoDecodeError` naming the first failing
-frame for the segment that holds it, and decodes nothing further. The job keeps a damaged video's
-segments that decoded and records each failed segment's frames in its error table: a damaged tail
-does not cost the good hour before it, and the error table says exactly which frames are missing.
+* ``frame_index`` k is the k-th presented frame: packets the container's edit list hides (FFmpeg flags
+  them *discard*) are not frames; the rest, sorted by pts, are. ``0 <= k < num_frames``.
+* ``timestamp_s`` is the frame's pts minus the container's start time (``AVFormatContext.start_time``),
+  in seconds: an MPEG-TS whose clock starts at 1.48 s shows its first frame at 0.0; a video track that
+  starts 2 s after its audio keeps its 2 s.
+* AVI stores no presentation timestamps (FFmpeg guesses them, off by one with B-frames), and a stream
+  may lack them: then frame k is the k-th frame decoded in order and its time is ``k / frame rate``
+  (``VideoInfo.time_source == "frame_rate"``).
+
+`VideoReader.frames` decodes sampled frames by seeking to the key frame at or before each target and
+decoding forward until the frame with the target's pts (the k-th of equal pts when several frames
+share one), so a frame's identity is its pts, never a count of packets. Frames come out upright (the
+container's display rotation applied) and scaled in FFmpeg's scaler to the requested size; a frame is
+never converted to RGB at source resolution. Frame-order streams are decoded in order from the start.
+
+Why not decord (the product card's decoder): decord 0.6 (and its fork decord2) index demuxed packets
+rather than presented frames and rebase times to the stream's own start; on real files (edit lists,
+MPEG-TS clocks, AVI without pts, delayed tracks, WebM without cues) it returns wrong pictures and
+times. `benchmarks/bench_decoders.py` measures both; the README gives the numbers.
+
+Damaged files: a frame that cannot be decoded (or that the stream ends before) is reported as a
+`FrameError` and decoding goes on with the next sampled frame from its own key frame, so the frames
+before (and after) the damage are kept.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import av
 import numpy as np
-from decord import VideoReader, cpu
+
+DEFAULT_MAX_FRAME_PIXELS = 36_000_000  # 8K (8192x4320 is 35.4 Mpx); a larger frame is refused
+FRAME_ORDER_FORMATS = ("avi",)  # containers that store no presentation timestamps
+SEEK_ATTEMPTS = 3  # key frames tried (each earlier than the last) before decoding from the start
 
 
 class MediaError(Exception):
-    """An input that cannot be decoded; ``path`` and ``reason`` say which and why."""
+    """An input that cannot be decoded; ``path`` and ``reason`` say which and why. Permanent: running
+    again gives the same answer, so the job records it as an error row."""
 
     def __init__(self, path: str, reason: str) -> None:
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
 
+    def __reduce__(self):  # picklable across processes with its two arguments
+        return type(self), (self.path, self.reason)
+
 
 class VideoDecodeError(MediaError):
-    """A video decord cannot open, or one of whose sampled frames it cannot decode."""
+    """A file that is not a decodable video (no video stream, unreadable container, absurd size)."""
 
 
 @dataclass(frozen=True)
 class VideoInfo:
-    """What one probe learns about a video. ``width``/``height`` are upright (after rotation)."""
+    """What the probe learns about a video. ``width``/``height`` are upright (after rotation)."""
 
     path: str
-    num_frames: int
-    fps: float
-    duration_s: float
+    num_frames: int  # presented frames
+    fps: float  # the stream's average frame rate (0.0 when the container does not say)
+    duration_s: float  # end of the last presented frame on the timeline (its start plus one frame)
     width: int
     height: int
-    rotation: int  # degrees of the container's display rotation that decord applied (0, ±90, ±180)
+    rotation: int  # degrees counter-clockwise the display matrix turns the coded picture (0, ±90, 180)
     codec: str
-    stream_index: int  # the video stream decoded (the container's "best" one, as ffmpeg picks it)
-    timestamps_s: np.ndarray  # [num_frames] float64 presentation time of every frame, increasing
+    stream_index: int  # the video stream decoded (FFmpeg's "best" video stream)
+    timestamps_s: np.ndarray  # [num_frames] float64 presentation time of every frame, non-decreasing
+    time_source: Literal["pts", "frame_rate"]  # where the timestamps come from (see the module docstring)
+
+    def summary(self) -> dict:
+        """The probe without the per-frame times: what the shards record per video."""
+        return {
+            "codec": self.codec,
+            "stream_index": self.stream_index,
+            "rotation": self.rotation,
+            "width": self.width,
+            "height": self.height,
+            "num_frames": self.num_frames,
+            "fps": self.fps,
+            "duration_s": self.duration_s,
+            "time_source": self.time_source,
+        }
 
 
 @dataclass(frozen=True)
-class DecodedSegment:
-    """Consecutive sampled frames of one video, decoded."""
-
-    frames: np.ndarray  # [S, H, W, 3] uint8 RGB, upright, at the requested size
-    frame_indices: np.ndarray  # [S] int64 frame number in the source video
-    timestamps_s: np.ndarray  # [S] float64 presentation time
+class DecodedFrame:
+    index: int  # presented frame number
+    timestamp_s: float
+    pixels: np.ndarray  # [H, W, 3] uint8 RGB, upright, at the requested size
 
 
-def _open(path: str, width: int = -1, height: int = -1) -> VideoReader:
-    try:
-        return VideoReader(path, ctx=cpu(0), width=width, height=height, num_threads=1)
-    except Exception as error:  # decord raises RuntimeError or DECORDError with ffmpeg's text
-        raise VideoDecodeError(path, f"cannot open video: {_first_line(error)}") from error
+@dataclass(frozen=True)
+class FrameError:
+    index: int  # presented frame number that could not be decoded
+    reason: str
 
 
-def _first_line(error: Exception) -> str:
+SizeFor = Callable[[int, int], tuple[int, int]]  # upright source (width, height) -> decoded (width, height)
+
+
+def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0][:300] if text else type(error).__name__
 
 
-def _stream_metadata(path: str) -> tuple[int, str, int]:
-    """(rotation in degrees, codec name, stream index) of the best video stream, read from the headers."""
-    try:
-        with av.open(path) as container:
-            stream = container.streams.best("video")
-            if stream is None:
-                return 0, "unknown", -1
-            rotation = 0
-            for frame in container.decode(stream):
-                rotation = int(round(frame.rotation))
-                break
-            return rotation, stream.codec_context.name, stream.index
-    except (av.FFmpegError, StopIteration, ValueError):
-        return 0, "unknown", -1
-
-
-def probe_video(path: str) -> VideoInfo:
-    """Open ``path`` once and read its frame count, rate, size, rotation and every frame's timestamp."""
-    reader = _open(path)
-    num_frames = len(reader)
-    if num_frames == 0:
-        raise VideoDecodeError(path, "the video stream has no frames")
-    try:
-        first = reader[0].shape  # (H, W, 3), upright
-        spans = reader.get_frame_timestamp(np.arange(num_frames))  # [n, 2] start/end seconds
-    except Exception as error:
-        raise VideoDecodeError(path, f"cannot decode the first frame: {_first_line(error)}") from error
-    rotation, codec, stream_index = _stream_metadata(path)
-    return VideoInfo(
-        path=path,
-        num_frames=num_frames,
-        fps=float(reader.get_avg_fps()),
-        duration_s=float(spans[-1, 1]),
-        width=int(first[1]),
-        height=int(first[0]),
-        rotation=rotation,
-        codec=codec,
-        stream_index=stream_index,
-        timestamps_s=spans[:, 0].astype(np.float64),
-    )
-
-
-def decode_segments(
-    path: str,
-    frame_indices: np.ndarray,
-    size: tuple[int, int] | None = None,
-    segment_frames: int = 16,
-) -> Iterator[DecodedSegment]:
-    """Decode ``frame_indices`` ``segment_frames`` at a time; only one segment is in memory at once.
+class VideoReader:
+    """One open video: its probe (`info`) and its frames (`frames`). Use as a context manager.
 
     Args:
-        path: the video.
-        frame_indices: increasing frame numbers (from `sample_frame_indices`).
-        size: ``(width, height)`` to decode to (upright), or None for the source size.
-        segment_frames: frames per segment.
+        path: a local file.
+        max_pixels: a coded frame larger than this (width x height) is refused before any decoding.
+        threads: FFmpeg decoding threads (0: FFmpeg's choice).
 
     Raises:
-        VideoDecodeError: the file cannot be opened or a frame cannot be decoded.
+        VideoDecodeError: the file cannot be opened, holds no video stream (or only an attached
+            picture such as an audio file's cover), is too large, has no frames, or its first frame
+            cannot be decoded.
     """
-    if segment_frames < 1:
-        raise ValueError(f"segment_frames must be >= 1, got {segment_frames}")
-    width, height = size if size is not None else (-1, -1)
-    reader = _open(path, width, height)
-    for start in range(0, len(frame_indices), segment_frames):
-        indices = np.asarray(frame_indices[start : start + segment_frames], dtype=np.int64)
+
+    def __init__(self, path: str, max_pixels: int = DEFAULT_MAX_FRAME_PIXELS, threads: int = 0) -> None:
+        self.path = path
         try:
-            frames = reader.get_batch(indices.tolist()).asnumpy()  # [S, H, W, 3] uint8
-            timestamps = reader.get_frame_timestamp(indices)[:, 0].astype(np.float64)
-        except Exception as error:
-            failing = _first_failing_frame(reader, indices)
+            self._container = av.open(path)
+        except (av.FFmpegError, OSError, ValueError) as error:
+            raise VideoDecodeError(path, f"cannot open the file as a video: {_first_line(error)}") from error
+        try:
+            self._stream = self._video_stream(max_pixels)
+            self._stream.thread_type = "AUTO"
+            self._stream.codec_context.thread_count = threads
+            self.info, self._pts, self._keys = self._probe()
+        except BaseException:
+            self._container.close()
+            raise
+
+    def __enter__(self) -> VideoReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._container.close()
+
+    def _video_stream(self, max_pixels: int) -> av.video.stream.VideoStream:
+        streams = self._container.streams
+        moving = [s for s in streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+        if not moving:
+            kinds = ", ".join(sorted({s.type for s in streams})) or "no streams"
+            if streams.video:
+                raise VideoDecodeError(self.path, f"no video stream, only an attached picture (cover art); streams: {kinds}")
+            raise VideoDecodeError(self.path, f"no video stream; streams: {kinds}")
+        best = streams.best("video")
+        stream = best if best in moving else moving[0]
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if width * height > max_pixels:
             raise VideoDecodeError(
-                path, f"frame {failing} of {len(reader)} cannot be decoded: {_first_line(error)}"
-            ) from error
-        yield DecodedSegment(frames=frames, frame_indices=indices, timestamps_s=timestamps)
+                self.path, f"{width}x{height} frames exceed the frame pixel limit {max_pixels} (--max-frame-pixels)")
+        return stream
 
-
-def _first_failing_frame(reader: VideoReader, indices: np.ndarray) -> int:
-    for index in indices.tolist():
+    def _probe(self) -> tuple[VideoInfo, np.ndarray, np.ndarray]:
+        """Demux every packet of the stream (decoding only the first frame) → the presented timeline."""
+        stream = self._stream
+        pts, key_pts, sizes = [], [], 0
+        first = None
         try:
-            reader[index]
-        except Exception:
-            return index
-    return int(indices[0])
+            for packet in self._container.demux(stream):
+                if packet.size == 0:
+                    continue  # the demuxer's end-of-stream flush packet
+                if packet.is_keyframe and packet.pts is not None:
+                    # where to seek for it: demuxers seek by dts (MP4, MPEG-TS) or pts (Matroska); dts <= pts
+                    key_pts.append((packet.pts, packet.dts if packet.dts is not None else packet.pts))
+                if packet.is_discard:
+                    continue  # hidden by the edit list: never shown
+                pts.append(packet.pts)
+                sizes += 1
+                if first is None:
+                    first = next(iter(stream.codec_context.decode(packet)), None)
+        except av.FFmpegError as error:
+            if not pts:
+                raise VideoDecodeError(self.path, f"cannot read the video stream: {_first_line(error)}") from error
+            # a damaged or truncated tail: the timeline ends with the last packet read
+        if not pts:
+            raise VideoDecodeError(self.path, "the video stream has no frames")
+        if first is None:
+            first = self._first_frame_by_flushing()
+        rotation = int(round(first.rotation)) if first.rotation else 0
+        width, height = (first.height, first.width) if rotation % 180 else (first.width, first.height)
+        fps = float(stream.average_rate or stream.guessed_rate or 0.0)
+        frame_order = self._container.format.name in FRAME_ORDER_FORMATS or any(p is None for p in pts)
+        if frame_order:
+            if not fps:
+                raise VideoDecodeError(self.path, "the stream has neither presentation timestamps nor a frame rate")
+            timeline = np.arange(len(pts), dtype=np.int64)
+            times = timeline / fps
+            key_pts = []  # never seek: frames are counted from the start
+        else:
+            timeline = np.sort(np.asarray(pts, dtype=np.int64))
+            start = self._container.start_time  # microseconds, the container's own clock origin
+            base = float(stream.time_base)
+            origin = start / 1e6 if start is not None else timeline[0] * base
+            times = timeline * base - origin
+        step = 1.0 / fps if fps else (float(np.median(np.diff(times))) if len(times) > 1 else 0.0)
+        info = VideoInfo(
+            path=self.path,
+            num_frames=len(timeline),
+            fps=fps,
+            duration_s=float(times[-1] + step),
+            width=int(width),
+            height=int(height),
+            rotation=rotation,
+            codec=stream.codec_context.name,
+            stream_index=stream.index,
+            timestamps_s=times.astype(np.float64),
+            time_source="frame_rate" if frame_order else "pts",
+        )
+        keys = np.unique(np.asarray(key_pts, dtype=np.int64).reshape(-1, 2), axis=0)  # [k, 2] (pts, dts) by pts
+        return info, timeline, keys
+
+    def _first_frame_by_flushing(self) -> av.VideoFrame:
+        """The decoder holds frames back (B-frames, frame threads) until it is flushed."""
+        try:
+            for frame in self._stream.codec_context.decode(None):
+                return frame
+        except av.FFmpegError as error:
+            raise VideoDecodeError(self.path, f"cannot decode the first frame: {_first_line(error)}") from error
+        raise VideoDecodeError(self.path, "cannot decode the first frame: the decoder returned no picture")
+
+    def frames(self, frame_indices: np.ndarray, size_for: SizeFor | None = None) -> Iterator[DecodedFrame | FrameError]:
+        """Decode ``frame_indices`` (increasing presented-frame numbers) one after the other.
+
+        Args:
+            frame_indices: ``[n]`` int, each in ``[0, info.num_frames)``.
+            size_for: maps the upright source size ``(width, height)`` to the size to decode to
+                (FFmpeg's bicubic scaler); None keeps the source size.
+
+        Yields:
+            a `DecodedFrame` per index, or a `FrameError` for an index that cannot be decoded (damaged
+            data, or the stream ends before it); decoding then goes on with the next index.
+
+        Raises:
+            ValueError: an index outside the timeline, or indices not increasing.
+        """
+        indices = np.asarray(frame_indices, dtype=np.int64)
+        if len(indices) and (indices[0] < 0 or indices[-1] >= self.info.num_frames or np.any(np.diff(indices) <= 0)):
+            raise ValueError(f"frame indices must increase within [0, {self.info.num_frames}), got {indices.tolist()}")
+        convert = _Converter(self.info, size_for)
+        if self.info.time_source == "frame_rate":
+            yield from self._in_order(indices, convert)
+        else:
+            yield from self._by_pts(indices, convert)
+
+    def _in_order(self, indices: np.ndarray, convert: _Converter) -> Iterator[DecodedFrame | FrameError]:
+        """Frame-order streams: the k-th frame decoded from the start is frame k."""
+        self._container.seek(0, stream=self._stream, backward=True)
+        wanted = iter(indices.tolist())
+        target = next(wanted, None)
+        position = -1
+        try:
+            for frame in self._container.decode(self._stream):
+                position += 1
+                if target is None:
+                    return
+                if position == target:
+                    yield DecodedFrame(target, float(self.info.timestamps_s[target]), convert(frame))
+                    target = next(wanted, None)
+            reason = f"the stream ends after {position + 1} of {self.info.num_frames} frames"
+        except av.FFmpegError as error:
+            reason = f"cannot be decoded: {_first_line(error)}"
+        for index in ([target] if target is not None else []) + list(wanted):
+            yield FrameError(index, reason)
+
+    def _by_pts(self, indices: np.ndarray, convert: _Converter) -> Iterator[DecodedFrame | FrameError]:
+        decoder: Iterator[av.VideoFrame] | None = None
+        last_pts: int | None = None  # pts of the last frame the decoder returned
+        for index in indices.tolist():
+            target = int(self._pts[index])
+            rank = index - int(np.searchsorted(self._pts, target, side="left"))  # among frames of equal pts
+            keys = self._keys[self._keys[:, 0] <= target]  # [k, 2] key frames at or before the target
+            key = int(keys[-1, 0]) if len(keys) else None
+            # Decoding on is cheaper than a seek unless the target's key frame lies ahead of the decoder.
+            must_seek = decoder is None or last_pts is None or last_pts >= target or (key is not None and key > last_pts)
+            result: DecodedFrame | FrameError | None = None
+            for attempt in range(SEEK_ATTEMPTS + 1):
+                if must_seek or attempt:
+                    decoder = self._seek(keys, attempt)
+                result, decoder, last_pts = self._decode_until(decoder, target, rank, index, convert)
+                if not isinstance(result, _Missed):
+                    break
+            if isinstance(result, _Missed):
+                result = FrameError(index, f"not found where its timestamp places it ({result.reason})")
+            if isinstance(result, FrameError):
+                decoder = None
+            yield result
+
+    def _seek(self, keys: np.ndarray, attempt: int) -> Iterator[av.VideoFrame]:
+        """Position the decoder at the ``attempt``-th key frame before the target (the stream's start when
+        there are no more), flushing it; the frames it then returns come in presentation order."""
+        if attempt < len(keys):
+            position = int(keys[len(keys) - 1 - attempt, 1])
+        else:
+            position = int(self._keys[:, 1].min()) if len(self._keys) else 0
+        self._container.seek(position, stream=self._stream, backward=True)
+        return iter(self._container.decode(self._stream))
+
+    def _decode_until(self, decoder, target: int, rank: int, index: int, convert: _Converter):
+        """Decode forward to the frame ``(target pts, rank)``: (result, decoder, last pts seen)."""
+        seen = 0
+        last_pts = None
+        try:
+            for frame in decoder:
+                if frame.pts is None:
+                    continue  # a picture without a time cannot be placed on the timeline
+                last_pts = frame.pts
+                if frame.pts < target:
+                    continue
+                if frame.pts > target:
+                    return _Missed(f"the decoder went from before it to pts {frame.pts}"), decoder, last_pts
+                if seen == rank:
+                    return DecodedFrame(index, float(self.info.timestamps_s[index]), convert(frame)), decoder, last_pts
+                seen += 1
+        except av.FFmpegError as error:
+            return FrameError(index, f"cannot be decoded: {_first_line(error)}"), None, last_pts
+        return FrameError(index, "the stream ends before it (truncated file?)"), None, last_pts
+
+
+@dataclass(frozen=True)
+class _Missed:
+    reason: str
+
+
+class _Converter:
+    """A decoded frame → ``[H, W, 3]`` uint8 RGB, scaled by FFmpeg in its coded orientation, then turned upright."""
+
+    def __init__(self, info: VideoInfo, size_for: SizeFor | None) -> None:
+        width, height = size_for(info.width, info.height) if size_for else (info.width, info.height)
+        self.turns = info.rotation // 90  # np.rot90 turns counter-clockwise, as the display matrix does
+        self.coded_size = (height, width) if info.rotation % 180 else (width, height)
+
+    def __call__(self, frame: av.VideoFrame) -> np.ndarray:
+        width, height = self.coded_size
+        rgb = frame.reformat(width=width, height=height, format="rgb24", interpolation="BICUBIC").to_ndarray()
+        return np.ascontiguousarray(np.rot90(rgb, self.turns)) if self.turns else rgb

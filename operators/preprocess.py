@@ -3,7 +3,7 @@
 ``crop`` (the processor's own recipe): resize the shortest side to S (bicubic), centre-crop S×S,
 scale to [0, 1], normalise with the CLIP mean/std. ``pad`` (LLaVA's ``image_aspect_ratio="pad"``):
 pad to a square with the mean colour, then resize to S×S. Both resize in the decoder when they can:
-`decode_size` is the size to ask decord for, and the resize here is then skipped. Frames that arrive
+`decode_size` is the size to have the decoder scale to, and the resize here is then skipped. Frames that arrive
 at another size (images, AnyRes canvases) are resized with antialiased bicubic interpolation and
 rounded to uint8, as the PIL processor does; the tests measure the gap to `CLIPImageProcessorPil`.
 """

@@ -1,7 +1,7 @@
 """Which frames of a video to take: the sampling policies, as pure functions of the video's timeline.
 
 No decoder is imported here, so the training side (`pipeline.dataset`'s frame budget) can use the same
-uniform rule on machines without decord or PyAV.
+uniform rule on machines without PyAV.
 """
 
 from __future__ import annotations
@@ -12,12 +12,15 @@ from typing import Protocol
 import numpy as np
 
 
+TIME_TOLERANCE_S = 1e-6  # a frame this close after a sampling time counts as on screen at it (rounding of k/fps)
+
+
 class Timeline(Protocol):
     """What sampling needs to know of a video (`operators.decode.VideoInfo` is one)."""
 
     num_frames: int
-    duration_s: float
-    timestamps_s: np.ndarray  # [num_frames] float64 presentation time of every frame, increasing
+    duration_s: float  # end of the last frame on the timeline (its start plus one frame period)
+    timestamps_s: np.ndarray  # [num_frames] float64 presentation time of every frame, non-decreasing
 
 
 @dataclass(frozen=True)
@@ -49,13 +52,16 @@ def sample_frame_indices(info: Timeline, sampling: FrameSampling) -> np.ndarray:
     """Frame numbers to decode, increasing and distinct.
 
     ``num_frames``: ``linspace(0, n-1, num_frames)`` rounded down (LLaVA-Video's rule; all frames when
-    the video is shorter). ``fps``: for each time ``k/fps`` before the end, the frame on screen then
-    (the last one starting at or before it), then ``max_frames`` uniformly among those.
+    the video is shorter). ``fps``: for each time ``t0 + k/fps`` before the end (``t0``: the first
+    frame's time, so a leading gap on the timeline is not sampled), the frame on screen then (the last
+    one starting at or before it, within `TIME_TOLERANCE_S`), then ``max_frames`` uniformly among those.
     """
     if sampling.num_frames is not None:
         return uniform_indices(info.num_frames, sampling.num_frames)
-    times = np.arange(0.0, info.duration_s, 1.0 / sampling.fps)
-    on_screen = np.searchsorted(info.timestamps_s, times + 1e-9, side="right") - 1
+    start = float(info.timestamps_s[0])
+    times = start + np.arange(0, max(1, int(np.ceil((info.duration_s - start) * sampling.fps)))) / sampling.fps
+    times = times[(times < info.duration_s) | (times == start)]
+    on_screen = np.searchsorted(info.timestamps_s, times + TIME_TOLERANCE_S, side="right") - 1
     indices = np.unique(np.clip(on_screen, 0, info.num_frames - 1)).astype(np.int64)
     if sampling.max_frames is not None and len(indices) > sampling.max_frames:
         indices = indices[uniform_indices(len(indices), sampling.max_frames)]

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
+from operators.decode import DEFAULT_MAX_FRAME_PIXELS
 from operators.encode import DEFAULT_MODEL
 from operators.images import DEFAULT_MAX_PIXELS
 from operators.tiles import DEFAULT_PINPOINTS
@@ -44,14 +45,20 @@ class EncodeConfig:
     pinpoints: str = _flag("AnyRes grid resolutions as WxH,WxH,...",
                            ",".join(f"{w}x{h}" for w, h in DEFAULT_PINPOINTS))
     batch_size: int = _flag("frames per encoder batch (AnyRes frames count once, whatever their tiles)", 16)
-    segment_frames: int = _flag("sampled frames decoded per task; bounds decode memory for long videos", 16)
+    decode_timeout_s: float = _flag("a decoder that delivers no frame for this many seconds is stopped as hung; "
+                                     "the input's frames it did not deliver become an error row", 300.0)
+    num_decoders: int | None = _flag("decoder actors, each decoding one input at a time (default: the cluster's "
+                                     "CPUs minus the encoders)")
     num_encoders: int | None = _flag("encoder actors (default: one per GPU, or 1 without GPUs)")
     encoder_threads: int | None = _flag("CPU encoders: torch threads per actor (default: all cores of the node)")
     device: str | None = _flag("encoder device (default: cuda when the cluster has GPUs, else cpu)")
     dtype: Literal["float32", "float16", "bfloat16"] | None = _flag(
         "encoder dtype (default: float16 on cuda, float32 on cpu)", None, choices=("float32", "float16", "bfloat16"))
     rows_per_shard: int = _flag("rows gathered into one shard file (larger: fewer, bigger files)", 2048)
-    max_image_pixels: int = _flag("images larger than this are refused as decompression bombs", DEFAULT_MAX_PIXELS)
+    max_image_pixels: int = _flag("images larger than this many pixels are refused as decompression bombs",
+                                  DEFAULT_MAX_PIXELS)
+    max_frame_pixels: int = _flag("videos whose frames are larger than this many pixels are refused",
+                                  DEFAULT_MAX_FRAME_PIXELS)
     ray_address: str | None = _flag("Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _flag(
         "the job's messages at this level and above go to the console; OUT/logs/<run-id>.log always keeps INFO "
@@ -65,9 +72,14 @@ class EncodeConfig:
             raise ValueError("--method fixed needs --budget K")
         if self.method != "fixed" and self.budget is not None:
             raise ValueError("--budget is only used with --method fixed")
-        for name in ("batch_size", "segment_frames", "k_neighbors", "rows_per_shard"):
+        for name in ("batch_size", "k_neighbors", "rows_per_shard", "max_image_pixels", "max_frame_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        for name in ("num_decoders", "num_encoders"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if not self.decode_timeout_s > 0:
+            raise ValueError("--decode-timeout-s must be > 0")
 
     def pinpoint_list(self) -> tuple[tuple[int, int], ...]:
         try:

@@ -6,14 +6,17 @@ import contextlib
 import fnmatch
 import glob
 import hashlib
+import logging
 import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
@@ -26,6 +29,10 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp"})
 LIST_EXTENSIONS = frozenset({".txt", ".lst"})
 TABLE_EXTENSIONS = frozenset({".parquet", ".csv"})
 PATH_COLUMN = "path"
+FETCH_ATTEMPTS = 3  # reads of a remote input before its failure is the run's (transient), never the input's
+FETCH_BACKOFF_S = 2.0
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -114,48 +121,73 @@ def _unique(items: list[InputItem]) -> list[InputItem]:
 
 
 @contextlib.contextmanager
-def local_file(source_path: str) -> Iterator[str]:
-    """A local path for ``source_path``: itself when local, else a temporary copy (decord reads local files)."""
+def local_file(source_path: str, attempts: int = FETCH_ATTEMPTS, backoff_s: float = FETCH_BACKOFF_S) -> Iterator[str]:
+    """A local path for ``source_path``: itself when local, else a temporary copy, fetched once.
+
+    A failed remote read is retried ``attempts`` times in all, ``backoff_s`` × attempt apart.
+
+    Raises:
+        FileNotFoundError: the remote file does not exist (not retried).
+        OSError: the remote read failed ``attempts`` times (transient: the caller must not blame the input).
+    """
     fs, path = filesystem_and_path(source_path)
     if is_local(fs):
         yield path
         return
     suffix = PurePosixPath(path).suffix
     with tempfile.NamedTemporaryFile(suffix=suffix) as copy:
-        with fs.open_input_stream(path) as remote:
-            shutil.copyfileobj(remote, copy)
+        for attempt in range(1, attempts + 1):
+            try:
+                copy.seek(0)
+                copy.truncate()
+                with fs.open_input_stream(path) as remote:
+                    shutil.copyfileobj(remote, copy)
+                break
+            except FileNotFoundError:
+                raise
+            except OSError as error:
+                if attempt == attempts:
+                    raise
+                logger.warning("%s: read failed (%s); retrying (%d of %d)", source_path, error, attempt + 1, attempts)
+                time.sleep(backoff_s * attempt)
         copy.flush()
         yield copy.name
 
 
-def read_committed(output: str) -> tuple[dict[str, set[int]], dict[str, set[int] | None]]:
-    """Frames already in ``output``: ``(done, failed)``.
+def read_committed(output: str) -> tuple[dict[str, set[int]], dict[str, set[int] | None], dict[str, int]]:
+    """Frames already in ``output``: ``(done, failed, sampled)``.
 
     ``done[video_id]`` holds committed frame indices (rows of a frame are always committed together);
-    ``failed[video_id]`` holds the frame indices of recorded errors, or None when the whole input failed.
+    ``failed[video_id]`` holds the frame indices of recorded errors, or None when the whole input failed;
+    ``sampled[video_id]`` is how many frames the sampling selected (``source_info.sampled_frames``), so
+    an input whose sampled frames are all in ``done`` or ``failed`` is finished without reading it again.
     Only complete files are visible: temporary files start with a dot and are ignored.
     """
     fs, root = filesystem_and_path(output)
     done: dict[str, set[int]] = {}
-    for video_id, frame_index in _key_rows(fs, f"{root}/shards", ["video_id", "frame_index"]):
+    sampled: dict[str, int] = {}
+    columns = {"video_id": pc.field("video_id"), "frame_index": pc.field("frame_index"),
+               "sampled": pc.field("source_info", "sampled_frames")}
+    for video_id, frame_index, count in _key_rows(fs, f"{root}/shards", columns):
         done.setdefault(video_id, set()).add(frame_index)
+        sampled[video_id] = count
     failed: dict[str, set[int] | None] = {}
     for video_id, frames in _key_rows(fs, f"{root}/errors", ["video_id", "frame_indices"]):
         if not frames:
             failed[video_id] = None
         elif failed.get(video_id, set()) is not None:
             failed.setdefault(video_id, set()).update(frames)
-    return done, failed
+    return done, failed, sampled
 
 
-def _key_rows(fs: pafs.FileSystem, directory: str, columns: list[str]) -> Iterator[tuple]:
+def _key_rows(fs: pafs.FileSystem, directory: str, columns: list[str] | dict) -> Iterator[tuple]:
     if fs.get_file_info(directory).type != pafs.FileType.Directory:
         return
     dataset = pads.dataset(directory, format="parquet", filesystem=fs)
     if not dataset.files:
         return
     table = dataset.to_table(columns=columns)
-    yield from zip(*(table.column(c).to_pylist() for c in columns))
+    yield from zip(*(table.column(c).to_pylist() for c in table.column_names))
 
 
 def error_files(output: str) -> set[str]:

@@ -9,12 +9,12 @@ import numpy as np
 from einops import rearrange, repeat
 from PIL import Image, ImageDraw
 
-from operators.decode import probe_video
+from operators.frames import frame_rows
 from pipeline.config import EncodeConfig
 from pipeline.dataset import select_frames
-from pipeline.inputs import IMAGE_EXTENSIONS, local_file
+from pipeline.inputs import local_file
 from pipeline.reader import Frame, TokenReader, VideoTokens
-from pipeline.stages import DecodeSegment
+from pipeline.stages import frame_request
 
 CAPTION = 16  # px of text above each frame cell
 GAP = 8  # px between the global view and the stitched tiles
@@ -41,29 +41,21 @@ def highlight(view: np.ndarray, positions: np.ndarray, grid: tuple[int, int]) ->
 
 
 def source_views(video: VideoTokens, metadata: dict) -> list[np.ndarray]:
-    """The ``[T, S, S, 3]`` uint8 views the encoder saw for each frame of ``video`` (global view first)."""
+    """The ``[T, S, S, 3]`` uint8 views the encoder saw for each frame of ``video`` (global view first).
+
+    The media kind and the preprocessing come from the shards' run metadata."""
     preprocessing = metadata["preprocessing"]
     pinpoints = {"pinpoints": preprocessing["pinpoints"]} if preprocessing["pinpoints"] else {}
-    is_image = any(video.source_path.lower().endswith(ext) for ext in IMAGE_EXTENSIONS)
-    config = EncodeConfig(
-        media="image" if is_image else "video",
-        preprocess=preprocessing["mode"],
-        anyres=preprocessing["anyres"],
-        **pinpoints,
-        segment_frames=max(1, video.num_frames),
-    )
-    row = {"video_id": video.video_id, "source_path": video.source_path, "width": 0, "height": 0,
-           "segment": [frame.frame_index for frame in video.frames], "error_type": "", "error_message": "",
-           "failed_frames": []}
-    if not is_image:
-        with local_file(video.source_path) as path:
-            info = probe_video(path)
-        row.update(width=info.width, height=info.height)
-    decoded = DecodeSegment(config, preprocessing["image_size"])(row)
-    failed = [r for r in decoded if r["error_type"]]
+    config = EncodeConfig(media=metadata["media"], preprocess=preprocessing["mode"], anyres=preprocessing["anyres"],
+                          **pinpoints)
+    with local_file(video.source_path) as path:
+        wanted = [frame.frame_index for frame in video.frames]
+        request = frame_request(config, preprocessing["image_size"], path, frames=wanted)
+        rows = [row for row in frame_rows(request) if row["kind"] != "source"]
+    failed = [row for row in rows if row["kind"] == "error"]
     if failed:
         raise RuntimeError(f"cannot re-read {video.source_path}: {failed[0]['error_type']}: {failed[0]['error_message']}")
-    return [r["pixels"] for r in decoded]
+    return [row["pixels"] for row in rows]
 
 
 def frame_cell(frame: Frame, views: np.ndarray, grid: tuple[int, int], panel: int) -> Image.Image:

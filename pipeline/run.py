@@ -7,6 +7,7 @@ import logging
 import platform
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from importlib import metadata
 
@@ -21,10 +22,11 @@ from pipeline.inputs import InputItem, error_files, filesystem_and_path, list_in
 from pipeline.runlog import RunLog, new_run_id, plain_text, utc_timestamp, write_run_record
 from pipeline.schema import SCHEMA_VERSION, read_file_metadata
 from pipeline.sink import ShardSink, WriteStats, remove_stale_temporaries
-from pipeline.stages import EncodeTokens, decode_segment, plan_input
+from pipeline.stages import DecodeInputs, EncodeTokens
 
-MAX_INPUT_BLOCKS = 1024  # probing runs this many tasks at most; each probes its share of the inputs
-PACKAGES = ("torch", "transformers", "decord", "ray", "pyarrow", "einops", "av", "pillow", "numpy")
+ACTOR_RETRIES = 2
+MAX_INPUT_BLOCKS = 4096  # inputs per block grow beyond this; a block's inputs are decoded one after the other
+PACKAGES = ("torch", "transformers", "ray", "pyarrow", "einops", "av", "pillow", "numpy")
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +71,7 @@ def run_metadata(config: EncodeConfig, vision: CLIPVisionConfig) -> dict:
     """What every shard records about how its tokens were made."""
     grid = vision.image_size // vision.patch_size
     return {
+        "media": config.media,
         "model": config.model,
         "model_revision": getattr(vision, "_commit_hash", None),
         "layer": config.layer,
@@ -131,12 +134,16 @@ def _encoder_resources(config: EncodeConfig) -> tuple[int, float]:
     return actors, (1.0 if use_gpu else 0.0)
 
 
-def pending_rows(inputs: list[InputItem], done: dict, failed: dict, media: str) -> list[dict]:
-    """Input rows still to process, each carrying the frames earlier runs committed or recorded as failed."""
+def pending_rows(inputs: list[InputItem], done: dict, failed: dict, sampled: dict) -> list[dict]:
+    """Input rows still to process, each carrying the frames earlier runs committed or recorded as failed.
+
+    An input is finished (and not read again) when it failed as a whole, or when every frame its
+    sampling selected is in the shards or the errors."""
     rows = []
     for item in inputs:
         whole_input_failed = item.video_id in failed and failed[item.video_id] is None
-        if whole_input_failed or (media == "image" and item.video_id in done):
+        settled = done.get(item.video_id, set()) | (failed.get(item.video_id) or set())
+        if whole_input_failed or (item.video_id in sampled and len(settled) >= sampled[item.video_id]):
             continue  # nothing left to do for it
         rows.append(
             {
@@ -149,23 +156,36 @@ def pending_rows(inputs: list[InputItem], done: dict, failed: dict, media: str) 
     return rows
 
 
-def build_dataset(rows: list[dict], config: EncodeConfig, image_size: int, actors: int, gpus: float) -> ray.data.Dataset:
-    """inputs → plan (CPU tasks) → one segment per block → decode (CPU tasks) → encode (actor pool)."""
-    return (
-        ray.data.from_items(rows, override_num_blocks=min(len(rows), MAX_INPUT_BLOCKS))
-        .flat_map(plan_input, fn_kwargs={"config": config})
-        .repartition(target_num_rows_per_block=1)  # each segment its own decode task
-        .flat_map(decode_segment, fn_kwargs={"config": config, "image_size": image_size})
-        .map_batches(
-            EncodeTokens,
-            fn_constructor_kwargs={"config": config},
-            batch_size=config.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=actors),
-            num_gpus=gpus,
-            num_cpus=1,
-            batch_format="numpy",
+def build_dataset(rows: list[dict], config: EncodeConfig, image_size: int, actors: int, gpus: float,
+                  decoders: int) -> ray.data.Dataset:
+    """inputs (one per block) → decode (CPU actor pool, each input read once, frames streamed) → encode.
+
+    Retries are bounded: an actor that dies is restarted, and its task retried, ``ACTOR_RETRIES`` times;
+    after that the run fails (a poison input cannot loop it: the decoder's own crashes are error rows)."""
+    retries = {"max_restarts": ACTOR_RETRIES, "max_task_retries": ACTOR_RETRIES}
+    with warnings.catch_warnings():
+        # Ray Data's own default is unbounded (-1); the keyword form is the only way to bound it (Ray < 2.64).
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated", category=DeprecationWarning)
+        return (
+            ray.data.from_items(rows, override_num_blocks=min(len(rows), MAX_INPUT_BLOCKS))
+            .flat_map(
+                DecodeInputs,
+                fn_constructor_kwargs={"config": config, "image_size": image_size},
+                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=decoders),
+                num_cpus=1,
+                **retries,
+            )
+            .map_batches(
+                EncodeTokens,
+                fn_constructor_kwargs={"config": config},
+                batch_size=config.batch_size,
+                compute=ray.data.ActorPoolStrategy(size=actors),
+                num_gpus=gpus,
+                num_cpus=1,
+                batch_format="numpy",
+                **retries,
+            )
         )
-    )
 
 
 class RunSetupError(Exception):
@@ -290,8 +310,8 @@ def _encode(config: EncodeConfig, inputs: list[InputItem], image_size: int, meta
     removed = remove_stale_temporaries(config.output)
     if removed:
         logger.info("removed %d temporary files left by an interrupted run", removed)
-    done, failed = read_committed(config.output)
-    rows = pending_rows(inputs, done, failed, config.media)
+    done, failed, sampled = read_committed(config.output)
+    rows = pending_rows(inputs, done, failed, sampled)
     _log_plan(inputs, rows, failed, config.media)
 
     sink = ShardSink(config.output, metadata_, config.rows_per_shard)
@@ -301,7 +321,8 @@ def _encode(config: EncodeConfig, inputs: list[InputItem], image_size: int, meta
         config = dataclasses.replace(config, device=config.device or ("cuda" if gpus else "cpu"))
         logger.info("Ray at %s: %d encoder actor(s) on %s", ray.get_runtime_context().gcs_address, actors,
                     config.device)
-        build_dataset(rows, config, image_size, actors, gpus).write_datasink(sink)
+        decoders = config.num_decoders or max(1, int(ray.cluster_resources().get("CPU", 1)) - actors)
+        build_dataset(rows, config, image_size, actors, gpus, decoders).write_datasink(sink)
     return summarize_run(inputs, rows, done, failed, sink.stats, time.time() - started), config
 
 
@@ -313,7 +334,7 @@ def _log_plan(inputs: list[InputItem], rows: list[dict], failed: dict, media: st
     failed_before = sum(1 for item in skipped if item.video_id in failed)
     if media == "video":
         resumed = [row for row in rows if row["done_frames"] or row["failed_frames"]]
-        logger.info("inputs: %d found, %d to plan (%d with frames from earlier runs: only frames in neither "
+        logger.info("inputs: %d found, %d to read (%d with frames from earlier runs: only frames in neither "
                     "shards nor errors are encoded)", len(inputs), len(rows), len(resumed))
         for row in resumed:
             logger.debug("resuming %s: %d frames in shards, %d in errors", row["source_path"],

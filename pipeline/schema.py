@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: source_info
 METADATA_KEY = b"video_token_cache"  # file-level key holding the JSON metadata of a shard
 
 
@@ -27,8 +27,34 @@ def shard_schema(hidden_size: int) -> pa.Schema:
             ("tokens", pa.list_(pa.list_(pa.float16(), hidden_size))),
             ("positions", pa.list_(pa.int16())),
             ("scores", pa.list_(pa.float32())),
+            ("source_info", SOURCE_INFO),
         ]
     )
+
+
+# What the decoder learnt about the input, the same on every row of it. Videos: the video stream decoded
+# (codec, index, display rotation applied, upright size), presented frames, average rate, duration, where
+# timestamp_s comes from ("pts", or "frame_rate" for files without presentation timestamps), and how many
+# frames the sampling selected. Images: format, upright size, time_source "none".
+SOURCE_INFO = pa.struct(
+    [
+        ("codec", pa.string()),
+        ("stream_index", pa.int16()),
+        ("rotation", pa.int16()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("num_frames", pa.int32()),
+        ("fps", pa.float64()),
+        ("duration_s", pa.float64()),
+        ("time_source", pa.string()),
+        ("sampled_frames", pa.int32()),
+    ]
+)
+
+
+def source_info_array(infos: list[dict]) -> pa.StructArray:
+    """``SOURCE_INFO`` values from dicts (keys an input does not have are null)."""
+    return pa.array(infos, type=SOURCE_INFO)
 
 
 ERROR_SCHEMA = pa.schema(

@@ -1,124 +1,127 @@
-"""The Ray Data stages, as plain functions and one callable class on rows/batches.
+"""The Ray Data stages: one callable class per stage, on rows/batches.
 
-plan_input   (CPU task, one input row → segment rows): probe once, sample frames, drop frames an
-             earlier run committed, cut the rest into segments of `segment_frames`.
-decode_segment (CPU task, one segment row → frame rows): decode at the model's size, crop/pad or
-             AnyRes-tile; each frame row carries ``pixels [T, S, S, 3]`` uint8 (T views: global first).
+DecodeInputs (CPU actor, one input row → frame rows): fetches a remote input once, then runs
+             `operators.frames.frame_rows` (probe, sample, decode at the model's size, crop/pad or
+             AnyRes-tile) in a child process with a stall limit; each frame row carries
+             ``pixels [T, S, S, 3]`` uint8 (T views: global first) and the input's ``source_info``.
 EncodeTokens (actor, batch of frame rows → Arrow table): CLIP once plus PruMerge on one device.
 
-A failure becomes a row with ``error_type``/``message`` set that flows on to the sink's error table;
-it never raises out of a stage, so one bad input cannot stop the job.
+What the input is to blame for (a `MediaError`, a decoder that hangs, crashes or is killed) becomes a
+row with ``error_type``/``error_message`` set that flows on to the sink's error table. Anything else (a
+remote read that keeps failing, a full disk, out of memory in this worker, a bug) is transient or ours:
+it raises, Ray retries the task a bounded number of times, and then the run fails loudly; it is never
+recorded as the input's fault, so a later run tries the input again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from operators.decode import MediaError, decode_segments, probe_video
 from operators.encode import ClipEncoder
-from operators.images import load_image
+from operators.frames import FrameRequest, frame_rows
 from operators.preprocess import Preprocessing
 from operators.prumerge import prumerge
-from operators.sampling import FrameSampling, sample_frame_indices
-from operators.tiles import anyres_decode_size, anyres_tiles
+from operators.sampling import FrameSampling
+from pipeline.child import ChildFailed, ChildProcess
 from pipeline.config import EncodeConfig
 from pipeline.inputs import local_file
-from pipeline.schema import encoded_schema, failure_table, ragged, shard_schema, with_error_columns
+from pipeline.schema import encoded_schema, failure_table, ragged, shard_schema, source_info_array, with_error_columns
 
 NO_ERROR = {"error_type": "", "error_message": "", "failed_frames": []}
 
 logger = logging.getLogger(__name__)
 
 
-def error_fields(source_path: str, error: BaseException, frame_indices=()) -> dict:
-    """The error columns a failed row carries to the sink: type, reason, and the frames it covers.
+def frame_request(config: EncodeConfig, image_size: int, path: str, skip_frames=(), frames=None) -> FrameRequest:
+    """What `operators.frames.frame_rows` should make of one input under ``config``."""
+    return FrameRequest(
+        path=path,
+        media=config.media,
+        sampling=FrameSampling(num_frames=config.num_frames, fps=config.fps, max_frames=config.max_frames),
+        frames=tuple(frames) if frames is not None else None,
+        skip_frames=frozenset(int(i) for i in skip_frames),
+        preprocess=config.preprocess,
+        image_size=image_size,
+        anyres=config.anyres,
+        pinpoints=config.pinpoint_list(),
+        max_image_pixels=config.max_image_pixels,
+        max_frame_pixels=config.max_frame_pixels,
+    )
 
-    A `MediaError` is the input's fault and its reason says why. Anything else is unexpected, so its
-    traceback is logged here, on the worker; Ray streams it to the driver's console and run log.
+
+class DecodeInputs:
+    """Ray actor: input rows (``video_id``, ``source_path``, ``done_frames``, ``failed_frames``) → frame rows.
+
+    One child process per actor does the decoding; it is killed when it sends nothing for
+    ``config.decode_timeout_s`` and restarted for the next input.
     """
-    if isinstance(error, MediaError):
-        reason = error.reason
-    else:
-        reason = f"{error}".strip() or repr(error)
-        logger.warning("%s: unexpected %s", source_path, type(error).__name__, exc_info=error)
-    return {"error_type": type(error).__name__, "error_message": reason, "failed_frames": [int(i) for i in frame_indices]}
-
-
-def plan_input(row: dict, config: EncodeConfig) -> list[dict]:
-    """Segment rows for one input (``video_id``, ``source_path``, ``done_frames``, ``failed_frames``)."""
-    base = {"video_id": row["video_id"], "source_path": row["source_path"], "width": 0, "height": 0}
-    if config.media == "image":
-        return [{**base, "segment": [0], **NO_ERROR}]
-    try:
-        with local_file(row["source_path"]) as path:
-            info = probe_video(path)
-        sampling = FrameSampling(num_frames=config.num_frames, fps=config.fps, max_frames=config.max_frames)
-        frames = sample_frame_indices(info, sampling)
-    except Exception as error:  # noqa: BLE001 - any failure of one input is that input's error row
-        return [{**base, "segment": [], **error_fields(row["source_path"], error)}]
-    skip = set(row["done_frames"]) | set(row["failed_frames"])
-    todo = [int(i) for i in frames if int(i) not in skip]
-    base.update(width=info.width, height=info.height)
-    step = config.segment_frames
-    return [{**base, "segment": todo[i : i + step], **NO_ERROR} for i in range(0, len(todo), step)]
-
-
-class DecodeSegment:
-    """Decode one segment row into frame rows with model-sized uint8 pixels."""
 
     def __init__(self, config: EncodeConfig, image_size: int) -> None:
         self.config = config
         self.image_size = image_size
-        self.preprocessing = Preprocessing(mode=config.preprocess, image_size=image_size)
-        self.pinpoints = config.pinpoint_list()
+        self.child = ChildProcess(config.decode_timeout_s)
 
-    def __call__(self, row: dict) -> list[dict]:
-        if row["error_type"]:
-            return [self._failed(row, row)]
-        try:
-            with local_file(row["source_path"]) as path:
-                if self.config.media == "image":
-                    return [self._image_row(row, load_image(path, self.config.max_image_pixels))]
-                return self._video_rows(row, path)
-        except Exception as error:  # noqa: BLE001
-            frames = row["segment"] if self.config.media == "video" else ()
-            return [self._failed(row, error_fields(row["source_path"], error, frames))]
+    def __call__(self, row: dict) -> Iterator[dict]:
+        skip = [*row["done_frames"], *row["failed_frames"]]
+        with contextlib.ExitStack() as stack:
+            try:
+                path = stack.enter_context(local_file(row["source_path"]))
+            except FileNotFoundError as error:  # listed, then gone: the input's fault, not the run's
+                yield self._failed(row, {"error_type": "FileNotFoundError", "error_message": f"no such file: {error}",
+                                         "failed_frames": []})
+                return
+            request = frame_request(self.config, self.image_size, path, skip)
+            todo: list[int] | None = None  # frames the child will decode, once it has probed the input
+            delivered: set[int] = set()
+            source_info = ""
+            try:
+                for item in self.child.run(frame_rows, request):
+                    if item["kind"] == "source":
+                        source_info = json.dumps(item["source_info"])
+                        todo = item["todo"]
+                    elif item["kind"] == "frame":
+                        delivered.add(item["frame_index"])
+                        yield self._row(row, item, source_info)
+                    else:
+                        delivered.update(item["failed_frames"])
+                        yield self._failed(row, item)
+            except ChildFailed as failure:
+                lost = self._lost(failure, todo, delivered)
+                if lost is not None:
+                    yield self._failed(row, lost)
 
-    def _video_rows(self, row: dict, path: str) -> list[dict]:
-        width, height = row["width"], row["height"]
-        if self.config.anyres:
-            size = anyres_decode_size(width, height, self.pinpoints)
-        else:
-            size = self.preprocessing.decode_size(width, height)
-        rows = []
-        for segment in decode_segments(path, np.asarray(row["segment"]), size, self.config.segment_frames):
-            for frame, index, timestamp in zip(segment.frames, segment.frame_indices, segment.timestamps_s):
-                rows.append(self._frame_row(row, frame, int(index), float(timestamp), (width, height)))
-        return rows
+    @staticmethod
+    def _lost(failure: ChildFailed, todo: list[int] | None, delivered: set[int]) -> dict | None:
+        """The error row for what a hung or dead decoder did not deliver (None: it had delivered everything)."""
+        error_type = "DecoderStalled" if failure.stalled else "DecoderDied"
+        if todo is None:
+            return {"error_type": error_type, "error_message": f"{failure.reason} while opening the input",
+                    "failed_frames": []}
+        lost = [i for i in todo if i not in delivered]
+        if not lost:
+            return None
+        span = f"frames {lost[0]}-{lost[-1]} ({len(lost)} sampled)" if len(lost) > 1 else f"frame {lost[0]}"
+        return {"error_type": error_type, "error_message": f"{span} not decoded: {failure.reason}",
+                "failed_frames": lost}
 
-    def _image_row(self, row: dict, image: np.ndarray) -> dict:
-        height, width = image.shape[:2]
-        return self._frame_row(row, image, 0, 0.0, (width, height))
-
-    def _frame_row(self, row: dict, frame: np.ndarray, index: int, timestamp: float, source_size) -> dict:
-        if self.config.anyres:
-            tiles = anyres_tiles(frame, self.image_size, self.pinpoints, source_size=source_size)
-            pixels, rows, cols = tiles.pixels.numpy(), tiles.grid_rows, tiles.grid_cols
-        else:
-            pixels, rows, cols = self.preprocessing.square(frame[None]).numpy(), 1, 1
+    def _row(self, row: dict, item: dict, source_info: str) -> dict:
         return {
             "video_id": row["video_id"],
             "source_path": row["source_path"],
-            "frame_index": index,
-            "timestamp_s": timestamp,
-            "grid_rows": rows,
-            "grid_cols": cols,
-            "pixels": np.ascontiguousarray(pixels),  # [T, S, S, 3] uint8, global view first
+            "frame_index": int(item["frame_index"]),
+            "timestamp_s": float(item["timestamp_s"]),
+            "grid_rows": item["grid_rows"],
+            "grid_cols": item["grid_cols"],
+            "pixels": item["pixels"],  # [T, S, S, 3] uint8, global view first
+            "source_info": source_info,
             **NO_ERROR,
         }
 
@@ -132,15 +135,14 @@ class DecodeSegment:
             "grid_rows": 0,
             "grid_cols": 0,
             "pixels": np.zeros((0, self.image_size, self.image_size, 3), np.uint8),
+            "source_info": "",
             "error_type": error["error_type"],
             "error_message": error["error_message"],
             "failed_frames": list(error["failed_frames"]),
         }
 
-
-def decode_segment(row: dict, config: EncodeConfig, image_size: int) -> list[dict]:
-    """Ray task body (`flat_map`): one segment row → its frame rows, or one failure row."""
-    return DecodeSegment(config, image_size)(row)
+    def __del__(self) -> None:
+        self.child.close()
 
 
 class EncodeTokens:
@@ -204,6 +206,7 @@ class EncodeTokens:
                 ragged(tokens, num_tokens, self.schema.field("tokens").type.value_type),
                 ragged(positions, num_tokens, pa.int16()),
                 ragged(scores, num_tokens, pa.float32()),
+                source_info_array([json.loads(info) for info in per_view("source_info")]),
             ],
             schema=self.schema,
         )

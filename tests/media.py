@@ -8,7 +8,10 @@ from pathlib import Path
 import av
 import numpy as np
 
-VIDEOS = Path(__file__).resolve().parent / "data" / "videos"
+DATA = Path(__file__).resolve().parent / "data"
+VIDEOS = DATA / "videos"
+HOSTILE_VIDEOS = DATA / "hostile-videos"
+HOSTILE_IMAGES = DATA / "hostile-images"
 DECODABLE = [
     "flipping_a_pancake.mkv",
     "nasa_13013.mp4",
@@ -21,6 +24,7 @@ DECODABLE = [
     "h264_10bits.mp4",
     "h265_10bits.mp4",
     "h265_video.mp4",
+    "av1_video.mkv",
 ]
 
 
@@ -28,6 +32,50 @@ def video(name: str) -> str:
     path = VIDEOS / name
     assert path.exists(), f"test media missing: {path} (see tests/data/README.md)"
     return str(path)
+
+
+def hostile(name: str) -> str:
+    """A file of `tests/data/hostile-videos` or `hostile-images` (see their READMEs)."""
+    for folder in (HOSTILE_VIDEOS, HOSTILE_IMAGES):
+        if (folder / name).exists():
+            return str(folder / name)
+    raise AssertionError(f"test media missing: {name} (see tests/data/README.md)")
+
+
+def frame_number(pixels: np.ndarray) -> int:
+    """The frame number a hostile clip draws into each picture (``[H, W, 3]`` uint8 RGB, upright).
+
+    A 4x4 grid of cells: cell 0 pure red marks the top-left corner, cell c (1..15) is white when bit c-1
+    of the number is set. Each cell is read by the mean of its central pixels.
+    Raises AssertionError when the red cell is not top-left (a sideways or upside-down picture)."""
+    height, width = pixels.shape[:2]
+    cells = []
+    for cell in range(16):
+        row, col = divmod(cell, 4)
+        centre = pixels[int((row + 0.3) * height / 4):int((row + 0.7) * height / 4),
+                        int((col + 0.3) * width / 4):int((col + 0.7) * width / 4)]
+        cells.append(centre.reshape(-1, 3).mean(axis=0))
+    red, green, blue = cells[0]
+    assert red > 180 and green < 80 and blue < 80, f"cell 0 is not red {cells[0].round()}: the picture is not upright"
+    return sum(1 << (cell - 1) for cell in range(1, 16) if cells[cell].mean() > 128)
+
+
+def decode_frame(path: str, index: int = 0, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Presented frame ``index`` of ``path``, upright, ``[H, W, 3]`` uint8, decoded at ``size`` (w, h) if given."""
+    from operators.decode import DecodedFrame, VideoReader
+
+    with VideoReader(path) as reader:
+        frame = next(reader.frames(np.array([index]), (lambda w, h: size) if size else None))
+    assert isinstance(frame, DecodedFrame), frame
+    return frame.pixels
+
+
+def video_info(path: str):
+    """`operators.decode.VideoInfo` of ``path``."""
+    from operators.decode import VideoReader
+
+    with VideoReader(path) as reader:
+        return reader.info
 
 
 def write_clip(path: Path, num_frames: int, fps: int, size: tuple[int, int] = (64, 48)) -> Path:

@@ -67,13 +67,14 @@ def test_submitted_job_writes_the_same_output_contract(ray_head, tmp_path, tiny_
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "inputs 3: encoded 2, partly failed 0, failed 1" in result.stdout
+    assert "inputs 3: encoded 2, partly failed 1, failed 0" in result.stdout
 
     shards = pads.dataset(output / "shards", format="parquet").to_table(columns=["source_path", "frame_index"])
     frames = {}
     for row in shards.to_pylist():
         frames.setdefault(Path(row["source_path"]).name, []).append(row["frame_index"])
-    assert {name: sorted(f) for name, f in frames.items()} == {"h265_video.mp4": [0, 4, 9], "video_90.mov": [0, 1, 2]}
+    assert {name: sorted(f) for name, f in frames.items()} == {"h265_video.mp4": [0, 4, 9], "video_90.mov": [0, 1, 2],
+                                                              "corrupted.mp4": [0, 24]}
     errors = pads.dataset(output / "errors", format="parquet").to_table().to_pylist()
-    assert [Path(r["source_path"]).name for r in errors] == ["corrupted.mp4"]
+    assert [(Path(r["source_path"]).name, r["frame_indices"]) for r in errors] == [("corrupted.mp4", [49])]
     assert (output / "manifest.json").exists()

@@ -6,14 +6,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from operators.decode import decode_segments
 from operators.images import ImageDecodeError, load_image
-from media import video
+from media import decode_frame, video
 
 
 @pytest.fixture(scope="module")
 def real_frame() -> np.ndarray:
-    return next(decode_segments(video("flipping_a_pancake.mkv"), np.array([100]))).frames[0]  # 240 x 426
+    return decode_frame(video("flipping_a_pancake.mkv"), 100)  # 240 x 426
 
 
 @pytest.mark.parametrize("fmt, suffix, tolerance", [("PNG", "png", 0), ("JPEG", "jpg", 6), ("WEBP", "webp", 8)])

@@ -17,15 +17,15 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from operators.decode import probe_video
 from operators.sampling import FrameSampling, sample_frame_indices
 from pipeline.config import EncodeConfig
 from pipeline.run import RunFailed, RunSetupError, run
 from pipeline.schema import ERROR_SCHEMA, read_file_metadata, shard_schema
-from media import DECODABLE, VIDEOS, video
+from media import DECODABLE, VIDEOS, decode_frame, video, video_info
 
 ROOT = Path(__file__).resolve().parents[1]
-UNDECODABLE = ["av1_video.mkv", "corrupted.mp4", "empty.mp4", "notes.mp4", "truncated.mp4"]
+UNDECODABLE = ["empty.mp4", "notes.mp4", "truncated.mp4"]
+DAMAGED = ["corrupted.mp4"]  # frames 0-27 decode, the rest do not: kept and failed frames
 KEY = ["video_id", "frame_index", "tile_index"]
 
 
@@ -51,7 +51,7 @@ def read(output: Path, sub: str = "shards"):
 
 
 def expected_frames(name: str, sampling: FrameSampling) -> list[int]:
-    return sample_frame_indices(probe_video(video(name)), sampling).tolist()
+    return sample_frame_indices(video_info(video(name)), sampling).tolist()
 
 
 def job_command(inputs: Path, output: Path, model: Path, *extra: str) -> list[str]:
@@ -69,14 +69,17 @@ def test_every_input_lands_in_shards_or_errors(tmp_path, tiny_clip_dir, ray_loca
     by_path = {}
     for row in shards.select(["source_path", "video_id"]).to_pylist() + errors.select(["source_path", "video_id"]).to_pylist():
         by_path.setdefault(Path(row["source_path"]).relative_to(inputs).as_posix(), set()).add(row["video_id"])
-    assert sorted(by_path) == sorted(DECODABLE + UNDECODABLE + ["sub/video_0.mov"])
+    assert sorted(by_path) == sorted(DECODABLE + UNDECODABLE + DAMAGED + ["sub/video_0.mov"])
     assert all(len(ids) == 1 for ids in by_path.values())
     assert by_path["video_0.mov"] != by_path["sub/video_0.mov"], "same basename, different ids"
 
     shard_ids = set(shards["video_id"].to_pylist())
     error_rows = errors.to_pylist()
-    assert {Path(r["source_path"]).name for r in error_rows} == set(UNDECODABLE)
-    assert not shard_ids & {r["video_id"] for r in error_rows}, "an input is in shards or errors, not both"
+    assert {Path(r["source_path"]).name for r in error_rows} == set(UNDECODABLE + DAMAGED)
+    whole_input_errors = {r["video_id"] for r in error_rows if not r["frame_indices"]}
+    assert not shard_ids & whole_input_errors, "an input that failed as a whole has no shard rows"
+    damaged = [r for r in error_rows if Path(r["source_path"]).name == "corrupted.mp4"]
+    assert [r["frame_indices"] for r in damaged] == [[32, 49]] and "cannot be decoded" in damaged[0]["error_message"]
     assert all(r["error_type"] and r["error_message"] for r in error_rows)
 
     rows = shards.to_pylist()
@@ -98,13 +101,13 @@ def test_every_input_lands_in_shards_or_errors(tmp_path, tiny_clip_dir, ray_loca
     assert parquet.schema_arrow.remove_metadata() == shard_schema(32)
     assert parquet.metadata.row_group(0).column(0).compression == "ZSTD"
     meta = read_file_metadata(parquet.schema_arrow)
-    assert meta["schema_version"] == "1" and meta["model"] == str(tiny_clip_dir)
+    assert meta["schema_version"] == "2" and meta["model"] == str(tiny_clip_dir) and meta["media"] == "video"
     assert (meta["layer"], meta["method"], meta["hidden_size"], meta["patch_grid"]) == (-2, "prumerge", 32, [24, 24])
     assert pq.read_schema(next((output / "errors").glob("*.parquet"))).remove_metadata() == ERROR_SCHEMA
 
     manifest = json.loads((output / "manifest.json").read_text())
     assert manifest["config"]["num_frames"] == 4 and "torch" in manifest["versions"]
-    assert (summary.inputs, summary.encoded, summary.partly_failed, summary.failed, summary.missing) == (17, 12, 0, 5, 0)
+    assert (summary.inputs, summary.encoded, summary.partly_failed, summary.failed, summary.missing) == (17, 13, 1, 3, 0)
     assert summary.frames == len({(r["video_id"], r["frame_index"]) for r in rows})
     assert not list(output.rglob(".tmp-*"))
     assert len(pd.read_parquet(output / "shards")) == len(rows)  # plain Parquet readers open the directory
@@ -120,12 +123,12 @@ def test_every_input_lands_in_shards_or_errors(tmp_path, tiny_clip_dir, ray_loca
 def test_kill_9_then_rerun_is_exactly_once_and_deterministic(tmp_path, tiny_clip_dir, ray_local):
     names = ["nasa_13013.mp4", "flipping_a_pancake.mkv", "bt709_full_range.mp4", "h265_video.mp4"]
     inputs = make_video_inputs(tmp_path / "in", names)
-    flags = ["--fps", "2", "--segment-frames", "3", "--batch-size", "2", "--rows-per-shard", "2"]
+    flags = ["--fps", "2", "--batch-size", "2", "--rows-per-shard", "2"]
 
     # Reference: one uninterrupted run in this process.
     reference = tmp_path / "reference"
     run(EncodeConfig(input=str(inputs), output=str(reference), model=str(tiny_clip_dir), num_frames=None, fps=2.0,
-                     segment_frames=3, batch_size=2, rows_per_shard=2))
+                     batch_size=2, rows_per_shard=2))
 
     output = tmp_path / "out"
     job = subprocess.Popen(job_command(inputs, output, tiny_clip_dir, *flags), start_new_session=True,
@@ -157,11 +160,10 @@ def test_kill_9_then_rerun_is_exactly_once_and_deterministic(tmp_path, tiny_clip
 def test_images_job_tiles_and_errors(tmp_path, tiny_clip_dir, ray_local):
     from PIL import Image
 
-    from operators.decode import decode_segments
 
     inputs = tmp_path / "images"
     inputs.mkdir()
-    frame = next(decode_segments(video("bt709_full_range.mp4"), np.array([0]))).frames[0]  # 1280 x 720
+    frame = decode_frame(video("bt709_full_range.mp4"))  # 1280 x 720
     Image.fromarray(frame).save(inputs / "wide.jpg", quality=90)
     Image.fromarray(frame[:, :400]).save(inputs / "tall.png")
     Image.fromarray(frame[:300, :300]).save(inputs / "small.webp")
@@ -210,15 +212,16 @@ def test_mixing_settings_into_one_output_is_refused(tmp_path, tiny_clip_dir, ray
                          method="prumerge+"))
 
 
-def test_damaged_video_keeps_the_segments_that_decode(tmp_path, tiny_clip_dir, ray_local):
-    """corrupted.mp4 decodes frames 0-26 of 50: with 2-frame segments, 8 samples split 4 kept / 4 in errors."""
+def test_damaged_video_keeps_the_frames_that_decode(tmp_path, tiny_clip_dir, ray_local):
+    """corrupted.mp4 decodes frames 0-27 of 50: of 8 samples 4 are kept and 4 are one error row naming them."""
     inputs = make_video_inputs(tmp_path / "in", ["corrupted.mp4"])
     output = tmp_path / "out"
-    config = EncodeConfig(input=str(inputs), output=str(output), model=str(tiny_clip_dir), num_frames=8, segment_frames=2)
+    config = EncodeConfig(input=str(inputs), output=str(output), model=str(tiny_clip_dir), num_frames=8)
     summary = run(config)
     assert sorted(read(output)["frame_index"].to_pylist()) == [0, 7, 14, 21]
-    failed = sorted(r["frame_indices"] for r in read(output, "errors").to_pylist())
-    assert failed == [[28, 35], [42, 49]]
+    (error,) = read(output, "errors").to_pylist()
+    assert error["frame_indices"] == [28, 35, 42, 49] and error["error_type"] == "FrameDecodeError"
+    assert error["error_message"].startswith("frames 28-49 (4 sampled): cannot be decoded: ")
     assert (summary.encoded, summary.partly_failed, summary.failed) == (0, 1, 0), "one input, counted once"
     again = run(config)  # recorded failures are not retried; nothing is left to do
     assert (again.rows, again.error_rows, again.skipped) == (0, 0, 1)
@@ -231,8 +234,7 @@ def test_a_run_explains_itself_in_its_log_and_keeps_its_record(tmp_path, tiny_cl
     inputs = make_video_inputs(tmp_path / "in", ["h265_video.mp4", "corrupted.mp4"])
     (inputs / "notes.mp4").write_text("not a video\n")
     output = tmp_path / "out"
-    config = EncodeConfig(input=str(inputs), output=str(output), model=str(tiny_clip_dir), num_frames=8,
-                          segment_frames=2)
+    config = EncodeConfig(input=str(inputs), output=str(output), model=str(tiny_clip_dir), num_frames=8)
     first = run(config)
     second = run(config)
     assert (first.inputs, first.encoded, first.partly_failed, first.failed, first.skipped) == (3, 1, 1, 1, 0)
@@ -256,15 +258,15 @@ def test_a_run_explains_itself_in_its_log_and_keeps_its_record(tmp_path, tiny_cl
     for row in read(output, "errors").to_pylist():
         if row["frame_indices"]:
             frames = ", ".join(map(str, row["frame_indices"]))
-            assert f"failed: {inputs / 'corrupted.mp4'}: VideoDecodeError: " in text and f"(frames {frames})" in text
-    assert "inputs: 3 found, 3 to plan (0 with frames from earlier runs" in text
+            assert f"failed: {inputs / 'corrupted.mp4'}: FrameDecodeError: " in text and f"(frames {frames})" in text
+    assert "inputs: 3 found, 3 to read (0 with frames from earlier runs" in text
     assert "inputs 3: encoded 1, partly failed 1, failed 1, skipped (already committed) 0" in text
-    # What the decoder printed in a worker process reached this driver's log, with the task it came from.
-    assert any(" pipeline.workers: (" in line and "decode_segment" in line and "pid=" in line
+    # What a worker process printed reached this driver's log, with the task it came from.
+    assert any(" pipeline.workers: (" in line and "EncodeTokens" in line and "pid=" in line
                for line in text.splitlines())
     later = logs[1].read_text()
-    assert "inputs: 3 found, 2 to plan (2 with frames from earlier runs" in later
-    assert "inputs skipped as failed in an earlier run: 1" in later
+    assert "inputs: 3 found, 0 to read (0 with frames from earlier runs" in later
+    assert "inputs skipped as failed in an earlier run: 2" in later
     assert "inputs 3: encoded 0, partly failed 0, failed 0, skipped (already committed) 3, 2 of them with error rows" in later
     assert "failed: " not in later, "a run logs the failures it committed, not earlier runs'"
 
@@ -303,7 +305,7 @@ def test_an_interrupted_run_logs_the_failures_it_committed_and_records_itself(tm
     for i in range(4):
         (inputs / f"junk{i}.mp4").write_text("not a video\n")
     output = tmp_path / "out"
-    job = subprocess.Popen(job_command(inputs, output, tiny_clip_dir, "--fps", "4", "--segment-frames", "2",
+    job = subprocess.Popen(job_command(inputs, output, tiny_clip_dir, "--fps", "4",
                                        "--batch-size", "2", "--rows-per-shard", "1", "--log-level", "WARNING"),
                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
@@ -317,7 +319,7 @@ def test_an_interrupted_run_logs_the_failures_it_committed_and_records_itself(tm
     record = json.loads(record_path.read_text())
     assert record["status"] == "interrupted" and "KeyboardInterrupt" in record["error"], record
     text = Path(record["log"]).read_text()
-    assert "inputs: 6 found, 6 to plan" in text, "the file keeps INFO whatever the console shows"
+    assert "inputs: 6 found, 6 to read" in text, "the file keeps INFO whatever the console shows"
     committed = read(output, "errors").to_pylist()
     assert committed, "the job was stopped after an error file landed"
     for row in committed:

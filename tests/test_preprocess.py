@@ -8,9 +8,8 @@ import torch
 from PIL import Image
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from operators.decode import decode_segments, probe_video
 from operators.preprocess import Preprocessing
-from media import video
+from media import decode_frame, video, video_info
 
 FRAMES = ["flipping_a_pancake.mkv", "bt709_full_range.mp4", "video_90.mov", "h265_video.mp4", "nasa_13013.mp4"]
 PROCESSOR = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
@@ -32,12 +31,12 @@ def processor_pixels(frame: np.ndarray) -> torch.Tensor:
 
 
 def first_frame(name: str, size=None) -> np.ndarray:
-    return next(decode_segments(video(name), np.array([0]), size=size)).frames
+    return decode_frame(video(name), 0, size)[None]
 
 
 @pytest.mark.parametrize("name", FRAMES)
 def test_crop_mode_matches_clip_image_processor(name):
-    info = probe_video(video(name))
+    info = video_info(video(name))
     full = first_frame(name)
     expected = processor_pixels(full[0])
     crop = Preprocessing(mode="crop")
@@ -54,7 +53,7 @@ def test_crop_mode_matches_clip_image_processor(name):
 
 @pytest.mark.parametrize("name", FRAMES)
 def test_pad_mode_matches_llava_expand2square(name):
-    info = probe_video(video(name))
+    info = video_info(video(name))
     full = first_frame(name)
     fill = tuple(int(255 * m) for m in PROCESSOR.image_mean)
     expected = torch.from_numpy(

@@ -10,9 +10,8 @@ import torch
 from einops import rearrange
 from PIL import Image
 
-from operators.decode import decode_segments
 from operators.tiles import DEFAULT_PINPOINTS, anyres_decode_size, anyres_tiles, select_best_resolution
-from media import video
+from media import decode_frame, video
 
 
 def llava_anyres(image: Image.Image, pinpoints, tile: int) -> list[np.ndarray]:
@@ -53,7 +52,7 @@ def test_best_resolution(size, expected):
 
 @pytest.mark.parametrize("name", ["bt709_full_range.mp4", "video_90.mov", "flipping_a_pancake.mkv"])
 def test_tiles_match_llava_next(name):
-    frame = next(decode_segments(video(name), np.array([0]))).frames[0]
+    frame = decode_frame(video(name))
     tiles = anyres_tiles(frame)
     expected = llava_anyres(Image.fromarray(frame), DEFAULT_PINPOINTS, 336)
 
@@ -66,7 +65,7 @@ def test_tiles_match_llava_next(name):
 
 
 def test_tiles_reassemble_into_the_padded_canvas():
-    frame = next(decode_segments(video("bt709_full_range.mp4"), np.array([0]))).frames[0]  # 1280 x 720
+    frame = decode_frame(video("bt709_full_range.mp4"))  # 1280 x 720
     tiles = anyres_tiles(frame)
     assert (tiles.grid_rows, tiles.grid_cols) == (2, 2)  # 672x672 keeps 672x378 px of a 16:9 frame, 672x336 only 597x336
     canvas = rearrange(tiles.pixels[1:], "(r c) h w ch -> (r h) (c w) ch", r=tiles.grid_rows)
@@ -77,10 +76,10 @@ def test_tiles_reassemble_into_the_padded_canvas():
 
 def test_frames_decoded_straight_to_the_tile_size_need_no_resize():
     name = "bt709_full_range.mp4"
-    full = next(decode_segments(video(name), np.array([0]))).frames[0]
+    full = decode_frame(video(name))
     fit = anyres_decode_size(1280, 720)
     assert fit == (672, 378)
-    small = next(decode_segments(video(name), np.array([0]), size=fit)).frames[0]
+    small = decode_frame(video(name), 0, fit)
     from_full, from_decoder = anyres_tiles(full), anyres_tiles(small, source_size=(1280, 720))
     assert (from_full.grid_rows, from_full.grid_cols) == (from_decoder.grid_rows, from_decoder.grid_cols)
     assert (from_full.pixels.float() - from_decoder.pixels.float()).abs().mean() < 2.0

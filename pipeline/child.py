@@ -1,0 +1,146 @@
+"""Run a generator function in a child process with a stall limit, so native code that hangs, crashes or is
+killed for memory takes down only the child, never the worker that asked.
+
+`ChildProcess` starts ``python -m pipeline.child`` once and reuses it for call after call; it is
+restarted after it was killed or died. The protocol is `multiprocessing.connection` framing (pickle)
+over the child's stdin/stdout; the child moves its own stdout to stderr first, so nothing a native
+library prints can corrupt the stream. Each call sends ``(function, args)``; the child answers with
+``("item", x)`` per item the generator yields, then ``("done", None)``, or ``("raise", exception)``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from multiprocessing.connection import Connection
+
+
+class ChildFailed(Exception):
+    """The child stopped answering (``stalled``) or died (``exit_code``); what it was doing is lost."""
+
+    def __init__(self, reason: str, stalled: bool, exit_code: int | None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.stalled = stalled
+        self.exit_code = exit_code
+
+
+def _death(exit_code: int) -> str:
+    if exit_code < 0:
+        name = signal.Signals(-exit_code).name if -exit_code in signal.Signals._value2member_map_ else str(-exit_code)
+        cause = " (the kernel's out-of-memory killer sends SIGKILL)" if -exit_code == signal.SIGKILL else ""
+        return f"killed by {name}{cause}"
+    return f"exited with status {exit_code}"
+
+
+class ChildProcess:
+    """A reusable child process running generator functions (module-level, so they pickle by name).
+
+    Args:
+        stall_timeout_s: how long the child may go without sending the next item before it is killed.
+    """
+
+    def __init__(self, stall_timeout_s: float) -> None:
+        if not stall_timeout_s > 0:
+            raise ValueError(f"stall_timeout_s must be > 0, got {stall_timeout_s}")
+        self.stall_timeout_s = stall_timeout_s
+        self._process: subprocess.Popen | None = None
+        self._send: Connection | None = None
+        self._receive: Connection | None = None
+
+    def _start(self) -> None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self._process = subprocess.Popen([sys.executable, "-m", "pipeline.child"], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, env=env)
+        self._send = Connection(os.dup(self._process.stdin.fileno()), readable=False)
+        self._receive = Connection(os.dup(self._process.stdout.fileno()), writable=False)
+        self._process.stdin.close()
+        self._process.stdout.close()
+
+    def run(self, function: Callable[..., Iterator], *args) -> Iterator:
+        """Yield what ``function(*args)`` yields, computed in the child.
+
+        Raises:
+            ChildFailed: the child sent nothing for ``stall_timeout_s`` (it is killed) or died.
+            Exception: whatever ``function`` raised in the child, re-raised here.
+        """
+        if self._process is None or self._process.poll() is not None:
+            self.close()
+            self._start()
+        finished = False
+        try:
+            try:
+                self._send.send((function, args))
+            except (BrokenPipeError, OSError):
+                raise self._failure(stalled=False) from None
+            while True:
+                if not self._receive.poll(self.stall_timeout_s):
+                    raise self._failure(stalled=True)
+                try:
+                    kind, payload = self._receive.recv()
+                except EOFError:
+                    raise self._failure(stalled=False) from None
+                if kind == "item":
+                    yield payload
+                elif kind == "done":
+                    finished = True
+                    return
+                else:
+                    finished = True
+                    raise payload
+        finally:
+            if not finished:
+                self.close()  # a call left half-way (stalled, died, or its caller stopped early) poisons the child
+
+    def _failure(self, stalled: bool) -> ChildFailed:
+        if stalled:
+            self.close()
+            return ChildFailed(f"no progress for {self.stall_timeout_s:g} s: stopped as hung", True, None)
+        code = self._process.wait()
+        self.close()
+        return ChildFailed(f"the decoder process {_death(code)}", False, code)
+
+    def close(self) -> None:
+        """Kill the child (if it runs) and release its pipes."""
+        if self._process is not None:
+            if self._process.poll() is None:
+                self._process.kill()
+            self._process.wait()
+            self._process = None
+        for connection in (self._send, self._receive):
+            if connection is not None:
+                connection.close()
+        self._send = self._receive = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _serve() -> None:
+    send = Connection(os.dup(1), readable=False)
+    os.dup2(2, 1)  # anything printed to stdout from here on goes to stderr, not into the protocol
+    sys.stdout = sys.stderr
+    receive = Connection(os.dup(0), writable=False)
+    while True:
+        try:
+            function, args = receive.recv()
+        except EOFError:
+            return
+        try:
+            for item in function(*args):
+                send.send(("item", item))
+        except Exception as error:  # noqa: BLE001 - the parent decides what the error means
+            try:
+                send.send(("raise", error))
+            except (pickle.PicklingError, TypeError, AttributeError):
+                send.send(("raise", RuntimeError(f"{type(error).__name__}: {error}")))
+            continue
+        send.send(("done", None))
+
+
+if __name__ == "__main__":
+    _serve()
