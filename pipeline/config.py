@@ -80,12 +80,33 @@ class EncodeConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if not self.decode_timeout_s > 0:
             raise ValueError("--decode-timeout-s must be > 0")
+        self.pinpoint_list()  # refuses a malformed --pinpoints now, not in every input's decoder
+
+    def check_model_fit(self, image_size: int, patch_size: int) -> None:
+        """Refuse settings the tower cannot serve: AnyRes pinpoints that are not whole multiples of its
+        input size ``image_size`` (px), or a fixed budget above its ``(image_size / patch_size)²`` patches.
+
+        Raises:
+            ValueError: naming the flag and what would fit.
+        """
+        if self.anyres:
+            bad = [f"{w}x{h}" for w, h in self.pinpoint_list() if w % image_size or h % image_size]
+            if bad:
+                raise ValueError(f"--pinpoints {', '.join(bad)}: each side must be a multiple of the model's input "
+                                 f"size {image_size} px (e.g. {image_size}x{2 * image_size})")
+        patches = (image_size // patch_size) ** 2
+        if self.budget is not None and not 1 <= self.budget <= patches:
+            raise ValueError(f"--budget {self.budget}: the model has {patches} patches per view; use 1..{patches}")
 
     def pinpoint_list(self) -> tuple[tuple[int, int], ...]:
+        """``--pinpoints`` as ``((width, height), ...)``; raises ValueError when malformed or not positive."""
         try:
-            return tuple(tuple(int(v) for v in item.lower().split("x")) for item in self.pinpoints.split(","))
-        except ValueError as error:
-            raise ValueError(f"--pinpoints must look like 336x672,672x336; got {self.pinpoints!r}") from error
+            points = tuple(tuple(int(v) for v in item.lower().split("x")) for item in self.pinpoints.split(","))
+        except ValueError:
+            points = ()
+        if not points or any(len(p) != 2 or min(p) < 1 for p in points):
+            raise ValueError(f"--pinpoints must look like 336x672,672x336; got {self.pinpoints!r}")
+        return points
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

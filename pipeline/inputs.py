@@ -121,37 +121,41 @@ def _unique(items: list[InputItem]) -> list[InputItem]:
 
 
 @contextlib.contextmanager
-def local_file(source_path: str, attempts: int = FETCH_ATTEMPTS, backoff_s: float = FETCH_BACKOFF_S) -> Iterator[str]:
-    """A local path for ``source_path``: itself when local, else a temporary copy, fetched once.
-
-    A failed remote read is retried ``attempts`` times in all, ``backoff_s`` × attempt apart.
+def local_file(source_path: str) -> Iterator[str]:
+    """A local path for ``source_path``: itself when local, else a temporary copy (`fetch`), made once.
 
     Raises:
-        FileNotFoundError: the remote file does not exist (not retried).
-        OSError: the remote read failed ``attempts`` times (transient: the caller must not blame the input).
+        FileNotFoundError: the remote file does not exist.
+        OSError: the remote file could not be read, ``FETCH_ATTEMPTS`` times (transient: not the input's fault).
     """
     fs, path = filesystem_and_path(source_path)
     if is_local(fs):
         yield path
         return
-    suffix = PurePosixPath(path).suffix
-    with tempfile.NamedTemporaryFile(suffix=suffix) as copy:
-        for attempt in range(1, attempts + 1):
-            try:
-                copy.seek(0)
-                copy.truncate()
-                with fs.open_input_stream(path) as remote:
-                    shutil.copyfileobj(remote, copy)
-                break
-            except FileNotFoundError:
-                raise
-            except OSError as error:
-                if attempt == attempts:
-                    raise
-                logger.warning("%s: read failed (%s); retrying (%d of %d)", source_path, error, attempt + 1, attempts)
-                time.sleep(backoff_s * attempt)
-        copy.flush()
+    with tempfile.NamedTemporaryFile(suffix=PurePosixPath(path).suffix) as copy:
+        fetch(fs, path, copy)
         yield copy.name
+
+
+def fetch(fs: pafs.FileSystem, path: str, destination, attempts: int = FETCH_ATTEMPTS,
+          backoff_s: float = FETCH_BACKOFF_S) -> None:
+    """Copy ``path`` on ``fs`` into the open binary file ``destination``, trying ``attempts`` times in all,
+    ``backoff_s`` x attempt apart. A missing file is not retried."""
+    for attempt in range(1, attempts + 1):
+        try:
+            destination.seek(0)
+            destination.truncate()
+            with fs.open_input_stream(path) as remote:
+                shutil.copyfileobj(remote, destination)
+            destination.flush()
+            return
+        except FileNotFoundError:
+            raise
+        except OSError as error:
+            if attempt == attempts:
+                raise
+            logger.warning("%s: read failed (%s); retrying (%d of %d)", path, error, attempt + 1, attempts)
+            time.sleep(backoff_s * attempt)
 
 
 def read_committed(output: str) -> tuple[dict[str, set[int]], dict[str, set[int] | None], dict[str, int]]:

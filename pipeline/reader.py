@@ -91,6 +91,9 @@ class VideoTokens:
     source_path: str
     frames: tuple[Frame, ...]
     metadata: dict = field(default_factory=dict, compare=False)
+    # what the decoder found (`pipeline.schema.SOURCE_INFO`): codec, stream, rotation, size, presented
+    # frames, fps, duration, time_source ("pts", "frame_rate" or "none"), sampled frames
+    source_info: dict = field(default_factory=dict, compare=False)
 
     @property
     def num_frames(self) -> int:
@@ -182,7 +185,8 @@ class TokenReader:
                 )
             )
         source = table["source_path"][0].as_py()
-        return VideoTokens(video_id=video_id, source_path=source, frames=tuple(frames), metadata=self.metadata)
+        return VideoTokens(video_id=video_id, source_path=source, frames=tuple(frames), metadata=self.metadata,
+                           source_info=table["source_info"][0].as_py())
 
     def errors(self) -> pa.Table:
         """The run's error table (``OUT/errors``): inputs or frames that produced no tokens, with reasons."""

@@ -189,8 +189,8 @@ def build_dataset(rows: list[dict], config: EncodeConfig, image_size: int, actor
 
 
 class RunSetupError(Exception):
-    """The run could not start: the input is missing, unreadable or holds no media, the output cannot be
-    written, or it holds shards made with other settings. No work was done and nothing was written
+    """The run could not start: the settings do not fit the model, the input is missing, unreadable or
+    holds no media, the output cannot be written, or it holds shards made with other settings. No work was done and nothing was written
     (where the output is only partly writable, an empty log file may be left)."""
 
 
@@ -233,6 +233,7 @@ def run(config: EncodeConfig) -> RunSummary:
     vision = load_vision_config(config.model)  # fails fast, before Ray starts, without the model
     metadata_ = run_metadata(config, vision)
     try:
+        config.check_model_fit(vision.image_size, vision.patch_size)
         check_output_compatible(config.output, metadata_)
         logger.info("listing inputs of %s", config.input)
         inputs = list_inputs(config.input, config.media)

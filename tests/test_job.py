@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -203,6 +204,19 @@ def test_bad_arguments_exit_2(tmp_path, tiny_clip_dir):
     assert result.returncode == 2 and "--budget" in result.stderr
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--anyres", "--pinpoints", "336x672,300x600"], "--pinpoints 300x600: each side must be a multiple of the model's "
+                                                     "input size 336 px"),
+    (["--method", "fixed", "--budget", "577"], "--budget 577: the model has 576 patches per view; use 1..576"),
+    (["--pinpoints", "336x"], "--pinpoints must look like"),
+])
+def test_settings_the_model_cannot_serve_exit_2_before_any_work(tmp_path, tiny_clip_dir, flags, message):
+    result = subprocess.run(job_command(VIDEOS, tmp_path / "o", tiny_clip_dir, *flags),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "o").exists() and "Started a local Ray" not in result.stderr
+
+
 def test_mixing_settings_into_one_output_is_refused(tmp_path, tiny_clip_dir, ray_local):
     inputs = make_video_inputs(tmp_path / "in", ["h265_video.mp4"])
     output = tmp_path / "out"
@@ -361,3 +375,79 @@ def test_runs_that_cannot_start_write_nothing_and_a_started_run_is_recorded_at_o
     job.wait()
     (record,) = [json.loads(p.read_text()) for p in (output / "runs").glob("*.json")]
     assert record["status"] == "running" and Path(record["log"]).exists()
+
+
+def child_decoders() -> set[int]:
+    """pids of the decoding child processes (`python -m pipeline.child`) running now."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"pipeline.child" in (entry / "cmdline").read_bytes():
+                pids.add(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_a_hanging_input_becomes_an_error_row_within_the_limit(tmp_path, tiny_clip_dir, ray_local):
+    """A FIFO named like a video blocks FFmpeg's open forever: the decoder is stopped after
+    --decode-timeout-s and the input is an error row; the other input is encoded."""
+    inputs = make_video_inputs(tmp_path / "in", ["h265_video.mp4"])
+    os.mkfifo(inputs / "stuck.mp4")
+    listing = tmp_path / "inputs.txt"
+    listing.write_text(f"{inputs / 'stuck.mp4'}\n{inputs / 'h265_video.mp4'}\n")
+    output = tmp_path / "out"
+    started = time.monotonic()
+    summary = run(EncodeConfig(input=str(listing), output=str(output), model=str(tiny_clip_dir), num_frames=2,
+                               decode_timeout_s=5))
+    assert time.monotonic() - started < 120
+    (error,) = read(output, "errors").to_pylist()
+    assert (Path(error["source_path"]).name, error["error_type"], error["frame_indices"]) == ("stuck.mp4", "DecoderStalled", [])
+    assert error["error_message"] == "no progress for 5 s: stopped as hung while opening the input"
+    assert (summary.encoded, summary.failed) == (1, 1)
+
+
+def test_a_decoder_killed_mid_video_becomes_an_error_row(tmp_path, tiny_clip_dir, ray_local):
+    """The only input hangs; its decoder is killed (as the out-of-memory killer would): the input's error
+    row says so, and the job ends normally."""
+    os.mkfifo(tmp_path / "stuck.mp4")
+    listing = tmp_path / "inputs.txt"
+    listing.write_text(f"{tmp_path / 'stuck.mp4'}\n")
+    before = child_decoders()
+    killed = []
+
+    def kill_the_decoder():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            new = child_decoders() - before
+            if new:
+                time.sleep(15)  # started, imported, and blocked opening the FIFO
+                for pid in new:
+                    os.kill(pid, signal.SIGKILL)
+                killed.extend(new)
+            time.sleep(0.5)
+
+    killer = threading.Thread(target=kill_the_decoder)
+    killer.start()
+    output = tmp_path / "out"
+    summary = run(EncodeConfig(input=str(listing), output=str(output), model=str(tiny_clip_dir), num_frames=2,
+                               decode_timeout_s=300))
+    killer.join()
+    assert killed
+    (error,) = read(output, "errors").to_pylist()
+    assert error["error_type"] == "DecoderDied" and error["frame_indices"] == []
+    assert error["error_message"].startswith("the decoder process killed by SIGKILL")
+    assert summary.failed == 1
+
+
+def test_a_failure_that_is_not_the_inputs_fails_the_run_and_is_never_an_error_row(tmp_path, tiny_clip_dir, ray_local):
+    """An input on a filesystem that cannot be reached: the run fails loudly (its record says why) and
+    writes no error row, so the next run tries the input again."""
+    listing = tmp_path / "inputs.txt"
+    listing.write_text("hdfs://127.0.0.1:1/videos/clip.mp4\n")
+    output = tmp_path / "out"
+    with pytest.raises(RunFailed):
+        run(EncodeConfig(input=str(listing), output=str(output), model=str(tiny_clip_dir), num_frames=2))
+    assert not list(output.rglob("errors/*.parquet"))
+    (record,) = [json.loads(p.read_text()) for p in (output / "runs").glob("*.json")]
+    assert record["status"] == "failed"

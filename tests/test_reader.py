@@ -55,13 +55,17 @@ def video_output(tmp_path_factory, tiny_clip_dir, ray_local) -> Path:
 
 @pytest.fixture(scope="module")
 def image_output(tmp_path_factory, tiny_clip_dir, ray_local) -> Path:
-    """Two AnyRes images, 1280x720 and 400x720 (padded), both on 2x2 tiles; PruMerge+."""
+    """Three AnyRes images, 1280x720, 400x720 (padded) and a JPEG named without an extension (listed in a
+    text file), all on 2x2 tiles; PruMerge+."""
     inputs = tmp_path_factory.mktemp("images")
     frame = decode_frame(video("bt709_full_range.mp4"))
     Image.fromarray(frame).save(inputs / "wide.jpg", quality=90)
     Image.fromarray(frame[:, :400]).save(inputs / "tall.png")
+    Image.fromarray(frame[:, 200:1000]).save(inputs / "photo", format="JPEG", quality=90)
+    listing = inputs / "images.txt"
+    listing.write_text("".join(f"{inputs / name}\n" for name in ("wide.jpg", "tall.png", "photo")))
     output = tmp_path_factory.mktemp("out") / "images"
-    run(EncodeConfig(input=str(inputs), output=str(output), model=str(tiny_clip_dir), media="image", anyres=True,
+    run(EncodeConfig(input=str(listing), output=str(output), model=str(tiny_clip_dir), media="image", anyres=True,
                      method="prumerge+"))
     return output
 
@@ -91,6 +95,10 @@ def test_round_trip_is_bit_for_bit(video_output):
             assert frame.positions.tolist() == row["positions"]
             assert frame.scores.numpy().tobytes() == np.array(row["scores"], dtype=np.float32).tobytes()
             assert frame.tiles == () and (frame.grid_rows, frame.grid_cols) == (1, 1)
+    nasa = reader.load(next(v for v in reader.video_ids() if v.startswith("nasa")))
+    assert nasa.source_info == {"codec": "h264", "stream_index": 3, "rotation": 0, "width": 480, "height": 270,
+                                "num_frames": 390, "fps": pytest.approx(30000 / 1001), "duration_s": pytest.approx(13.013),
+                                "time_source": "pts", "sampled_frames": 6}
     corrupted = next(v for v in reader.video_ids() if v.startswith("corrupted"))
     assert [f.frame_index for f in reader.load(corrupted).frames] == [0, 9, 19]
     errors = reader.errors()
@@ -358,8 +366,10 @@ def test_inspect_shards_prints_a_summary_and_draws_videos(video_output, tmp_path
 
 
 def test_inspect_shards_draws_anyres_tiles(image_output, tmp_path):
+    """The media kind comes from the run's metadata: an image named without an extension is drawn as one."""
     png = tmp_path / "image.png"
-    result = inspect(image_output, "--png", str(png), "--panel", "200")
+    photo = next(v for v in TokenReader(str(image_output)).video_ids() if v.startswith("photo"))
+    result = inspect(image_output, "--video", photo, "--png", str(png), "--panel", "200")
     assert result.returncode == 0, result.stderr[-2000:]
     with Image.open(png) as image:  # one frame: global view, gap, 2x2 stitched tiles (square)
         assert image.size == (max(MIN_WIDTH, 200 + GAP + 200), CAPTION + 200 + PLOT_HEIGHT)
