@@ -38,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from operators.decode import decode_segments, probe_video  # noqa: E402
+from operators.decode import DecodedFrame, VideoReader  # noqa: E402
 from operators.encode import ClipEncoder  # noqa: E402
 from operators.preprocess import Preprocessing  # noqa: E402
 from operators.prumerge import prumerge  # noqa: E402
@@ -75,10 +75,10 @@ def encoder_alone(videos: list[Path], model: Path, config: EncodeConfig, batch_s
     preprocessing = Preprocessing(mode=config.preprocess)
     frames = []
     for path in videos:
-        info = probe_video(str(path))
-        indices = sample_frame_indices(info, FrameSampling(num_frames=config.num_frames, fps=config.fps))
-        size = preprocessing.decode_size(info.width, info.height)
-        frames += [preprocessing.square(s.frames) for s in decode_segments(str(path), indices, size)]
+        with VideoReader(str(path)) as reader:
+            indices = sample_frame_indices(reader.info, FrameSampling(num_frames=config.num_frames, fps=config.fps))
+            decoded = [f.pixels for f in reader.frames(indices, preprocessing.decode_size) if isinstance(f, DecodedFrame)]
+        frames.append(preprocessing.square(np.stack(decoded)))
     pixels = torch.cat(frames)
     torch.set_num_threads(os.cpu_count())
     encoder = ClipEncoder(str(model), device=config.device, dtype=getattr(torch, config.dtype) if config.dtype else None)

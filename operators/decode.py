@@ -41,7 +41,7 @@ import numpy as np
 
 DEFAULT_MAX_FRAME_PIXELS = 36_000_000  # 8K (8192x4320 is 35.4 Mpx); a larger frame is refused
 FRAME_ORDER_FORMATS = ("avi",)  # containers that store no presentation timestamps
-SEEK_ATTEMPTS = 3  # key frames tried (each earlier than the last) before decoding from the start
+SEEK_KEY_FRAMES = 3  # key frames tried (each earlier than the last) before decoding from the stream's start
 
 
 class MediaError(Exception):
@@ -289,28 +289,31 @@ class VideoReader:
             key = int(keys[-1, 0]) if len(keys) else None
             # Decoding on is cheaper than a seek unless the target's key frame lies ahead of the decoder.
             must_seek = decoder is None or last_pts is None or last_pts >= target or (key is not None and key > last_pts)
-            result: DecodedFrame | FrameError | None = None
-            for attempt in range(SEEK_ATTEMPTS + 1):
-                if must_seek or attempt:
-                    decoder = self._seek(keys, attempt)
+            result: DecodedFrame | FrameError | _Missed | None = None
+            for position in ([] if must_seek else [None]) + self._seek_positions(keys):
+                if position is not None:
+                    self._container.seek(position, stream=self._stream, backward=True)  # flushes the decoder
+                    decoder = iter(self._container.decode(self._stream))
                 result, decoder, last_pts = self._decode_until(decoder, target, rank, index, convert)
                 if not isinstance(result, _Missed):
                     break
             if isinstance(result, _Missed):
-                result = FrameError(index, f"not found where its timestamp places it ({result.reason})")
+                result = FrameError(index, f"not found where its timestamp places it: {result.reason}")
             if isinstance(result, FrameError):
                 decoder = None
             yield result
 
-    def _seek(self, keys: np.ndarray, attempt: int) -> Iterator[av.VideoFrame]:
-        """Position the decoder at the ``attempt``-th key frame before the target (the stream's start when
-        there are no more), flushing it; the frames it then returns come in presentation order."""
-        if attempt < len(keys):
-            position = int(keys[len(keys) - 1 - attempt, 1])
-        else:
-            position = int(self._keys[:, 1].min()) if len(self._keys) else 0
-        self._container.seek(position, stream=self._stream, backward=True)
-        return iter(self._container.decode(self._stream))
+    def _seek_positions(self, keys: np.ndarray) -> list[int]:
+        """Where to seek for a target whose key frames at or before it are ``keys [k, 2]`` (pts, dts), in the
+        order tried: the last key frame by its pts (MP4, Matroska index by it), then by its dts (MPEG-TS
+        seeks by dts: a pts lands a key frame late), then earlier key frames, then the stream's start. A
+        position that lands after the target is detected (the first frame is later than it) and the next
+        one is tried."""
+        positions = []
+        for pts, dts in keys[::-1][:SEEK_KEY_FRAMES].tolist():
+            positions += [pts] if pts == dts else [pts, dts]
+        positions.append(int(self._keys[:, 1].min()) if len(self._keys) else 0)
+        return list(dict.fromkeys(positions))
 
     def _decode_until(self, decoder, target: int, rank: int, index: int, convert: _Converter):
         """Decode forward to the frame ``(target pts, rank)``: (result, decoder, last pts seen)."""
@@ -330,7 +333,7 @@ class VideoReader:
                 seen += 1
         except av.FFmpegError as error:
             return FrameError(index, f"cannot be decoded: {_first_line(error)}"), None, last_pts
-        return FrameError(index, "the stream ends before it (truncated file?)"), None, last_pts
+        return _Missed("the stream ends before it (truncated file?)"), None, last_pts
 
 
 @dataclass(frozen=True)
