@@ -71,11 +71,12 @@ class VideoInfo:
     duration_s: float  # end of the last presented frame on the timeline (its start plus one frame)
     width: int
     height: int
-    rotation: int  # degrees counter-clockwise the display matrix turns the coded picture (0, ±90, 180)
+    rotation: int  # degrees counter-clockwise the display matrix turns the coded picture, to a quarter turn (0, ±90, 180)
     codec: str
     stream_index: int  # the video stream decoded (FFmpeg's "best" video stream)
     timestamps_s: np.ndarray  # [num_frames] float64 presentation time of every frame, non-decreasing
     time_source: Literal["pts", "frame_rate"]  # where the timestamps come from (see the module docstring)
+    unreadable_tail: str | None = None  # why the container could not be read to its end (frames beyond are lost)
 
     def summary(self) -> dict:
         """The probe without the per-frame times: what the shards record per video."""
@@ -90,6 +91,32 @@ class VideoInfo:
             "duration_s": self.duration_s,
             "time_source": self.time_source,
         }
+
+
+def _shown(packets: list[tuple]) -> list[tuple]:
+    """The packets (pts, dts, key, discard) a player shows: not discarded, from the first key frame in
+    decoding order on, and not placed before that key frame. Without any key-frame flag, all that are
+    not discarded."""
+    first_key = next((i for i, (_, _, key, _) in enumerate(packets) if key), None)
+    if first_key is None:
+        return [p for p in packets if not p[3]]
+    key_pts = packets[first_key][0]
+    return [p for p in packets[first_key:]
+            if not p[3] and not (key_pts is not None and p[0] is not None and p[0] < key_pts)]
+
+
+def _quarter_turns(degrees: float | None) -> int:
+    """A display rotation as quarter turns counter-clockwise in -1..2 (the nearest; pictures are only
+    ever turned by quarter turns)."""
+    turns = int(round((degrees or 0.0) / 90.0)) % 4
+    return turns - 4 if turns == 3 else turns
+
+
+def _reason(error: BaseException) -> str:
+    """FFmpeg's message without the errno number, or the first line of any other error."""
+    if isinstance(error, av.FFmpegError) and error.strerror:
+        return error.strerror[:300]
+    return _first_line(error)
 
 
 @dataclass(frozen=True)
@@ -132,7 +159,7 @@ class VideoReader:
         try:
             self._container = av.open(path)
         except (av.FFmpegError, OSError, ValueError) as error:
-            raise VideoDecodeError(path, f"cannot open the file as a video: {_first_line(error)}") from error
+            raise VideoDecodeError(path, f"cannot open the file as a video: {_reason(error)}") from error
         try:
             self._stream = self._video_stream(max_pixels)
             self._stream.thread_type = "AUTO"
@@ -168,47 +195,58 @@ class VideoReader:
         return stream
 
     def _probe(self) -> tuple[VideoInfo, np.ndarray, np.ndarray]:
-        """Demux every packet of the stream (decoding only the first frame) → the presented timeline."""
+        """Demux every packet of the stream (decoding only up to the first picture) → the presented timeline.
+
+        Shown frames: the packets the edit list does not hide (FFmpeg's *discard* flag), from the first
+        key frame on (a stream joined mid-GOP starts with pictures that cannot be decoded, and a player
+        does not show them), without those placed before that key frame (open-GOP leading pictures).
+        """
         stream = self._stream
-        pts, key_pts, sizes = [], [], 0
+        packets: list[tuple[int | None, int | None, bool, bool]] = []  # (pts, dts, key, discard), demux order
         first = None
+        stopped = None
         try:
             for packet in self._container.demux(stream):
                 if packet.size == 0:
                     continue  # the demuxer's end-of-stream flush packet
-                if packet.is_keyframe and packet.pts is not None:
-                    # where to seek for it: demuxers seek by dts (MP4, MPEG-TS) or pts (Matroska); dts <= pts
-                    key_pts.append((packet.pts, packet.dts if packet.dts is not None else packet.pts))
-                if packet.is_discard:
-                    continue  # hidden by the edit list: never shown
-                pts.append(packet.pts)
-                sizes += 1
+                packets.append((packet.pts, packet.dts, packet.is_keyframe, packet.is_discard))
                 if first is None:
-                    first = next(iter(stream.codec_context.decode(packet)), None)
+                    first = self._decode_first(packet)
         except av.FFmpegError as error:
-            if not pts:
-                raise VideoDecodeError(self.path, f"cannot read the video stream: {_first_line(error)}") from error
-            # a damaged or truncated tail: the timeline ends with the last packet read
-        if not pts:
+            stopped = f"the container cannot be read past {len(packets)} packets: {_reason(error)}"
+        if stopped is None and stream.frames > len(packets):  # the index lists samples whose data is missing
+            stopped = f"the container lists {stream.frames} frames but holds the data of {len(packets)} (truncated file?)"
+        shown = _shown(packets)
+        if not shown:
+            if stopped:
+                raise VideoDecodeError(self.path, stopped)
             raise VideoDecodeError(self.path, "the video stream has no frames")
         if first is None:
             first = self._first_frame_by_flushing()
-        rotation = int(round(first.rotation)) if first.rotation else 0
+        rotation = _quarter_turns(first.rotation) * 90
         width, height = (first.height, first.width) if rotation % 180 else (first.width, first.height)
         fps = float(stream.average_rate or stream.guessed_rate or 0.0)
-        frame_order = self._container.format.name in FRAME_ORDER_FORMATS or any(p is None for p in pts)
+        pts = [p[0] for p in shown]
+        dts = [p[1] for p in packets if p[1] is not None]
+        # AVI stores no pts; a stream may lack some; a concatenated stream's clock jumps back (dts decrease):
+        # in all three the frames' order is their decoding order and their time k / fps.
+        frame_order = (self._container.format.name in FRAME_ORDER_FORMATS or any(p is None for p in pts)
+                       or any(b < a for a, b in zip(dts, dts[1:])))
         if frame_order:
             if not fps:
-                raise VideoDecodeError(self.path, "the stream has neither presentation timestamps nor a frame rate")
+                raise VideoDecodeError(self.path, "the stream has neither usable presentation timestamps nor a frame rate")
             timeline = np.arange(len(pts), dtype=np.int64)
             times = timeline / fps
-            key_pts = []  # never seek: frames are counted from the start
+            keys = np.zeros((0, 2), dtype=np.int64)  # never seek: frames are counted from the start
         else:
             timeline = np.sort(np.asarray(pts, dtype=np.int64))
             start = self._container.start_time  # microseconds, the container's own clock origin
             base = float(stream.time_base)
             origin = start / 1e6 if start is not None else timeline[0] * base
             times = timeline * base - origin
+            # where to seek for a key frame: demuxers seek by pts (MP4, Matroska) or dts (MPEG-TS); dts <= pts
+            keys = np.unique(np.array([(p, d if d is not None else p) for p, d, key, _ in packets
+                                       if key and p is not None], dtype=np.int64).reshape(-1, 2), axis=0)
         step = 1.0 / fps if fps else (float(np.median(np.diff(times))) if len(times) > 1 else 0.0)
         info = VideoInfo(
             path=self.path,
@@ -222,9 +260,17 @@ class VideoReader:
             stream_index=stream.index,
             timestamps_s=times.astype(np.float64),
             time_source="frame_rate" if frame_order else "pts",
+            unreadable_tail=f"{stopped}; frames after {times[-1]:.3f} s are lost" if stopped else None,
         )
-        keys = np.unique(np.asarray(key_pts, dtype=np.int64).reshape(-1, 2), axis=0)  # [k, 2] (pts, dts) by pts
         return info, timeline, keys
+
+    def _decode_first(self, packet: av.Packet) -> av.VideoFrame | None:
+        """The first picture, fed packet by packet; a packet the decoder rejects is skipped (a damaged start
+        must not end the demux pass: the frames it hides are reported when they are sampled)."""
+        try:
+            return next(iter(self._stream.codec_context.decode(packet)), None)
+        except av.FFmpegError:
+            return None
 
     def _first_frame_by_flushing(self) -> av.VideoFrame:
         """The decoder holds frames back (B-frames, frame threads) until it is flushed."""
@@ -232,7 +278,7 @@ class VideoReader:
             for frame in self._stream.codec_context.decode(None):
                 return frame
         except av.FFmpegError as error:
-            raise VideoDecodeError(self.path, f"cannot decode the first frame: {_first_line(error)}") from error
+            raise VideoDecodeError(self.path, f"cannot decode the first frame: {_reason(error)}") from error
         raise VideoDecodeError(self.path, "cannot decode the first frame: the decoder returned no picture")
 
     def frames(self, frame_indices: np.ndarray, size_for: SizeFor | None = None) -> Iterator[DecodedFrame | FrameError]:
@@ -275,7 +321,7 @@ class VideoReader:
                     target = next(wanted, None)
             reason = f"the stream ends after {position + 1} of {self.info.num_frames} frames"
         except av.FFmpegError as error:
-            reason = f"cannot be decoded: {_first_line(error)}"
+            reason = f"cannot be decoded: {_reason(error)}"
         for index in ([target] if target is not None else []) + list(wanted):
             yield FrameError(index, reason)
 
@@ -332,7 +378,7 @@ class VideoReader:
                     return DecodedFrame(index, float(self.info.timestamps_s[index]), convert(frame)), decoder, last_pts
                 seen += 1
         except av.FFmpegError as error:
-            return FrameError(index, f"cannot be decoded: {_first_line(error)}"), None, last_pts
+            return FrameError(index, f"cannot be decoded: {_reason(error)}"), None, last_pts
         return _Missed("the stream ends before it (truncated file?)"), None, last_pts
 
 

@@ -119,6 +119,9 @@ def _video_rows(request: FrameRequest) -> Iterator[dict]:
             yield {"kind": "frame", "frame_index": decoded.index, "timestamp_s": decoded.timestamp_s,
                    **views(decoded.pixels, source_size)}
         yield from _failure_rows(failed)
+        if info.unreadable_tail:  # frames past the damage are not even numbered: the whole tail is lost
+            yield {"kind": "error", "error_type": "TruncatedVideo", "error_message": info.unreadable_tail,
+                   "failed_frames": []}
 
 
 def _failure_rows(failed: list[FrameError]) -> Iterator[dict]:

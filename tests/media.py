@@ -78,6 +78,36 @@ def video_info(path: str):
         return reader.info
 
 
+def numbered_picture(number: int, width: int = 320, height: int = 240) -> np.ndarray:
+    """``[height, width, 3]`` uint8 RGB carrying ``number`` in the hostile clips' 4x4 code (`frame_number`)."""
+    picture = np.zeros((height, width, 3), np.uint8)
+    for cell in range(16):
+        row, col = divmod(cell, 4)
+        block = picture[row * height // 4:(row + 1) * height // 4, col * width // 4:(col + 1) * width // 4]
+        if cell == 0:
+            block[:] = (255, 0, 0)
+        elif number >> (cell - 1) & 1:
+            block[:] = 255
+    return picture
+
+
+def write_numbered_clip(path: Path, num_frames: int, fps: int = 25, container_format: str | None = None,
+                        options: dict | None = None, first_number: int = 0, rotation: float | None = None,
+                        container_options: dict | None = None) -> Path:
+    """An H.264 clip (B-frames unless ``options`` say otherwise) whose frame i shows ``first_number + i``."""
+    with av.open(str(path), "w", format=container_format, options=container_options or {}) as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 320, 240, "yuv420p"
+        stream.options = {"preset": "ultrafast", "bf": "2", "g": str(2 * fps), **(options or {})}
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
+        for index in range(num_frames):
+            frame = av.VideoFrame.from_ndarray(numbered_picture(first_number + index), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
+
+
 def write_clip(path: Path, num_frames: int, fps: int, size: tuple[int, int] = (64, 48)) -> Path:
     """An H.264 clip whose frame i has constant timestamp i/fps and a grey level encoding i."""
     width, height = size

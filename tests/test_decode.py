@@ -11,7 +11,7 @@ import pytest
 
 from operators.decode import DecodedFrame, FrameError, VideoDecodeError, VideoReader
 from operators.sampling import FrameSampling, sample_frame_indices
-from media import DECODABLE, frame_number, hostile, pyav_frames, video, write_clip
+from media import DECODABLE, frame_number, hostile, pyav_frames, video, write_clip, write_numbered_clip
 
 # The hostile clips' truth (tests/data/hostile-videos/README.md): presented frames, the number drawn in
 # the first presented picture, the first presented frame's time on the player's timeline, frames per second.
@@ -131,7 +131,7 @@ def test_every_decodable_file_matches_decoding_in_order(name):
 
 
 def test_rotation_metadata_is_read_and_applied():
-    expected = {"video_0.mov": 0, "video_90.mov": -90, "video_180.mov": -180, "video_270.mov": 90}
+    expected = {"video_0.mov": 0, "video_90.mov": -90, "video_180.mov": 180, "video_270.mov": 90}
     for name, rotation in expected.items():
         with VideoReader(video(name)) as reader:
             assert reader.info.rotation == rotation
@@ -269,3 +269,75 @@ def test_indices_outside_the_timeline_are_refused():
     with VideoReader(hostile("editlist_cut.mp4")) as reader:
         with pytest.raises(ValueError, match=r"within \[0, 102\)"):
             list(reader.frames(np.array([0, 102])))
+
+
+def numbers(path, indices=None) -> list:
+    """(index, drawn number, timestamp) of each frame the reader returns; FrameError reasons as they are."""
+    with VideoReader(str(path)) as reader:
+        wanted = np.arange(reader.info.num_frames) if indices is None else np.asarray(indices)
+        return [(f.index, frame_number(f.pixels), f.timestamp_s) if isinstance(f, DecodedFrame) else (f.index, f.reason)
+                for f in reader.frames(wanted)]
+
+
+def test_a_stream_joined_mid_gop_starts_at_its_first_key_frame(tmp_path):
+    """An MPEG-TS cut inside a GOP (an HLS segment, a `dd` of a recording): the pictures before the first
+    key frame, and the open-GOP pictures placed before it, cannot be decoded and a player does not show
+    them; index 0 is the first picture shown."""
+    whole = write_numbered_clip(tmp_path / "whole.ts", 200, container_format="mpegts", options={"g": "50"})
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.ts"
+    cut.write_bytes(data[: 188 * 4] + data[int(len(data) / 188 * 0.1) * 188:])  # tables, then 10 % in
+    shown, _ = presented(str(cut))
+    got = numbers(cut)
+    assert len(got) == len(shown) and shown[0] > 0
+    assert [n for _, n, _ in got] == shown
+
+
+def test_a_concatenated_stream_whose_clock_jumps_back_is_taken_in_decoding_order(tmp_path):
+    first = write_numbered_clip(tmp_path / "a.ts", 60, container_format="mpegts")
+    second = write_numbered_clip(tmp_path / "b.ts", 60, container_format="mpegts", first_number=1000)
+    joined = tmp_path / "joined.ts"
+    joined.write_bytes(first.read_bytes() + second.read_bytes())
+    with VideoReader(str(joined)) as reader:
+        assert reader.info.time_source == "frame_rate" and reader.info.num_frames == 120
+        np.testing.assert_allclose(reader.info.timestamps_s, np.arange(120) / 25)
+    got = numbers(joined, [0, 59, 60, 119])
+    assert [n for _, n, _ in got] == [0, 59, 1000, 1059]
+
+
+def test_damaged_packets_are_frame_errors_and_the_rest_of_the_video_is_kept(tmp_path):
+    """One H.264 packet near the start garbled: the frames that depend on it cannot be decoded (error
+    rows), every later frame keeps its own index and picture; the timeline is not cut short."""
+    clip = write_numbered_clip(tmp_path / "clip.mp4", 200, options={"g": "50"}, container_options={"movflags": "faststart"})
+    with av.open(str(clip)) as container:
+        position, size = [(p.pos, p.size) for p in container.demux(video=0) if p.size][1]
+    data = bytearray(clip.read_bytes())
+    for offset in range(position + 4, position + size):
+        data[offset] = (data[offset] * 7 + 13) & 255
+    damaged = tmp_path / "damaged.mp4"
+    damaged.write_bytes(bytes(data))
+    got = numbers(damaged)
+    assert len(got) == 200
+    decoded = [(i, n) for i, n, *_ in got if isinstance(n, int)]
+    assert len(decoded) >= 150 and all(i == n for i, n in decoded)
+    assert all("cannot be decoded" in reason for _, reason in (g for g in got if isinstance(g[1], str)))
+
+
+def test_a_truncated_mp4_names_the_frames_it_lost(tmp_path):
+    clip = write_numbered_clip(tmp_path / "clip.mp4", 200, container_options={"movflags": "faststart"})
+    data = clip.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) // 3])
+    with VideoReader(str(cut)) as reader:
+        info = reader.info
+        assert 0 < info.num_frames < 200
+        assert info.unreadable_tail.startswith("the container lists 200 frames but holds the data of ")
+    good = [g for g in numbers(cut) if isinstance(g[1], int)]
+    assert good and [i for i, *_ in good] == [n for _, n, _ in good]
+
+
+def test_a_rotation_that_is_not_a_quarter_turn_is_not_applied(tmp_path):
+    clip = write_numbered_clip(tmp_path / "tilted.mp4", 5, rotation=45)
+    with VideoReader(str(clip)) as reader:
+        assert (reader.info.rotation, reader.info.width, reader.info.height) == (0, 320, 240)
+    assert [n for _, n, _ in numbers(clip)] == list(range(5))
