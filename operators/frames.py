@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+from PIL import Image
 
 from operators.decode import DEFAULT_MAX_FRAME_PIXELS, FrameError, MediaError, VideoReader
 from operators.images import DEFAULT_MAX_PIXELS, load_image
@@ -92,8 +93,7 @@ def _image_rows(request: FrameRequest) -> Iterator[dict]:
 
 
 def image_format(path: str) -> str:
-    from PIL import Image
-
+    """The image's format as Pillow names it, lower case ("jpeg", "png", "webp"), from its header."""
     with Image.open(path) as image:
         return (image.format or "unknown").lower()
 

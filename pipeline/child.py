@@ -10,6 +10,7 @@ library prints can corrupt the stream. Each call sends ``(function, args)``; the
 
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 import signal
@@ -17,6 +18,9 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
+
+
+STARTUP_TIMEOUT_S = 120.0  # for the child to import its modules; not counted as a stall
 
 
 class ChildFailed(Exception):
@@ -42,24 +46,42 @@ class ChildProcess:
 
     Args:
         stall_timeout_s: how long the child may go without sending the next item before it is killed.
+        preload: modules the child imports before it reports ready (and before the stall clock runs), so
+            a slow import (torch) is never taken for a hung call.
     """
 
-    def __init__(self, stall_timeout_s: float) -> None:
+    def __init__(self, stall_timeout_s: float, preload: tuple[str, ...] = ()) -> None:
         if not stall_timeout_s > 0:
             raise ValueError(f"stall_timeout_s must be > 0, got {stall_timeout_s}")
         self.stall_timeout_s = stall_timeout_s
+        self.preload = preload
         self._process: subprocess.Popen | None = None
         self._send: Connection | None = None
         self._receive: Connection | None = None
 
     def _start(self) -> None:
+        """Start the child and wait until it has imported ``preload``.
+
+        Raises:
+            RuntimeError: it did not report ready within `STARTUP_TIMEOUT_S` (a fault of the machine or
+                the installation, not of any input).
+        """
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        self._process = subprocess.Popen([sys.executable, "-m", "pipeline.child"], stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, env=env)
+        self._process = subprocess.Popen([sys.executable, "-m", "pipeline.child", *self.preload],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self._send = Connection(os.dup(self._process.stdin.fileno()), readable=False)
         self._receive = Connection(os.dup(self._process.stdout.fileno()), writable=False)
         self._process.stdin.close()
         self._process.stdout.close()
+        try:
+            ready = self._receive.poll(STARTUP_TIMEOUT_S) and self._receive.recv() == ("ready", None)
+        except EOFError:
+            ready = False
+        if not ready:
+            code = self._process.poll()
+            self.close()
+            state = f"exited with status {code}" if code is not None else f"not ready after {STARTUP_TIMEOUT_S} s"
+            raise RuntimeError(f"the decoder process did not start ({state}; its stderr is in the worker's log)")
 
     def run(self, function: Callable[..., Iterator], *args) -> Iterator:
         """Yield what ``function(*args)`` yields, computed in the child.
@@ -120,11 +142,14 @@ class ChildProcess:
         self.close()
 
 
-def _serve() -> None:
+def _serve(preload: list[str]) -> None:
     send = Connection(os.dup(1), readable=False)
     os.dup2(2, 1)  # anything printed to stdout from here on goes to stderr, not into the protocol
     sys.stdout = sys.stderr
     receive = Connection(os.dup(0), writable=False)
+    for module in preload:
+        importlib.import_module(module)
+    send.send(("ready", None))
     while True:
         try:
             function, args = receive.recv()
@@ -143,4 +168,4 @@ def _serve() -> None:
 
 
 if __name__ == "__main__":
-    _serve()
+    _serve(sys.argv[1:])

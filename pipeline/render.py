@@ -51,11 +51,12 @@ def source_views(video: VideoTokens, metadata: dict) -> list[np.ndarray]:
     with local_file(video.source_path) as path:
         wanted = [frame.frame_index for frame in video.frames]
         request = frame_request(config, preprocessing["image_size"], path, frames=wanted)
-        rows = [row for row in frame_rows(request) if row["kind"] != "source"]
-    failed = [row for row in rows if row["kind"] == "error"]
-    if failed:
-        raise RuntimeError(f"cannot re-read {video.source_path}: {failed[0]['error_type']}: {failed[0]['error_message']}")
-    return [row["pixels"] for row in rows]
+        rows = list(frame_rows(request))
+    frames = [row for row in rows if row["kind"] == "frame"]
+    if len(frames) != len(wanted):
+        failed = next((row for row in rows if row["kind"] == "error"), {"error_type": "?", "error_message": "?"})
+        raise RuntimeError(f"cannot re-read {video.source_path}: {failed['error_type']}: {failed['error_message']}")
+    return [row["pixels"] for row in frames]
 
 
 def frame_cell(frame: Frame, views: np.ndarray, grid: tuple[int, int], panel: int) -> Image.Image:

@@ -67,7 +67,7 @@ class DecodeInputs:
     def __init__(self, config: EncodeConfig, image_size: int) -> None:
         self.config = config
         self.image_size = image_size
-        self.child = ChildProcess(config.decode_timeout_s)
+        self.child = ChildProcess(config.decode_timeout_s, preload=("operators.frames",))
 
     def __call__(self, row: dict) -> Iterator[dict]:
         skip = [*row["done_frames"], *row["failed_frames"]]

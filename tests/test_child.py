@@ -39,7 +39,7 @@ def killed_after_one():
 
 @pytest.fixture
 def child():
-    process = ChildProcess(stall_timeout_s=3)
+    process = ChildProcess(stall_timeout_s=3, preload=(__name__,))  # this module, imported before the clock runs
     yield process
     process.close()
 
@@ -115,3 +115,13 @@ def test_remote_reads_are_retried_then_fail_loudly(tmp_path, caplog):
         fetch(pafs.PyFileSystem(FlakyLocal(failures=3)), str(source), io.BytesIO(), attempts=3, backoff_s=0.01)
     with pytest.raises(FileNotFoundError):
         fetch(pafs.PyFileSystem(FlakyLocal(failures=0)), str(tmp_path / "missing.mp4"), io.BytesIO(), attempts=3)
+
+
+def test_preloaded_modules_do_not_count_against_the_stall_limit():
+    """The child imports torch (slow on a busy machine) before it reports ready; the first call's clock
+    starts only then."""
+    process = ChildProcess(stall_timeout_s=0.5, preload=("torch", "operators.frames"))
+    try:
+        assert [i for i, _ in process.run(count, 2)] == [0, 1]
+    finally:
+        process.close()
