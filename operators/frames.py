@@ -23,10 +23,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image
 
 from operators.decode import DEFAULT_MAX_FRAME_PIXELS, FrameError, MediaError, VideoReader
-from operators.images import DEFAULT_MAX_PIXELS, load_image
+from operators.images import DEFAULT_MAX_PIXELS, image_format, load_image
 from operators.preprocess import Preprocessing
 from operators.sampling import FrameSampling, sample_frame_indices
 from operators.tiles import DEFAULT_PINPOINTS, anyres_decode_size, anyres_tiles
@@ -90,12 +89,6 @@ def _image_rows(request: FrameRequest) -> Iterator[dict]:
                                               "num_frames": 1, "sampled_frames": 1, "time_source": "none"},
            "todo": [0]}
     yield {"kind": "frame", "frame_index": 0, "timestamp_s": 0.0, **_Views(request)(image, (width, height))}
-
-
-def image_format(path: str) -> str:
-    """The image's format as Pillow names it, lower case ("jpeg", "png", "webp"), from its header."""
-    with Image.open(path) as image:
-        return (image.format or "unknown").lower()
 
 
 def _video_rows(request: FrameRequest) -> Iterator[dict]:

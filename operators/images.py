@@ -40,11 +40,11 @@ class ImageDecodeError(MediaError):
 
 
 @contextlib.contextmanager
-def _pillow_pixel_limit(max_pixels: int) -> Iterator[None]:
+def _pillow_pixel_limit(max_pixels: int | None) -> Iterator[None]:
     """Pillow refuses images above 2 x ``Image.MAX_IMAGE_PIXELS`` on open: lift that to ``max_pixels``
-    (this module checks ``max_pixels`` itself) and silence its warning between the two."""
+    (this module checks ``max_pixels`` itself; None: no limit) and silence its warning between the two."""
     default = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max(max_pixels, default or 0)
+    Image.MAX_IMAGE_PIXELS = None if max_pixels is None else max(max_pixels, default or 0)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -79,6 +79,13 @@ def load_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
         raise ImageDecodeError(path, f"not a {'/'.join(SUPPORTED_FORMATS)} image") from error
     except (OSError, ValueError, SyntaxError, zlib.error) as error:
         raise ImageDecodeError(path, f"cannot decode image: {error}") from error
+
+
+def image_format(path: str) -> str:
+    """The format Pillow reads from the header, lower case ("jpeg", "png", "webp"); no pixel is decoded,
+    so no size limit applies."""
+    with _pillow_pixel_limit(None), Image.open(path, formats=SUPPORTED_FORMATS) as image:
+        return image.format.lower()
 
 
 def to_rgb8(image: Image.Image) -> np.ndarray:

@@ -9,6 +9,7 @@ from typing import Literal
 from operators.decode import DEFAULT_MAX_FRAME_PIXELS
 from operators.encode import DEFAULT_MODEL
 from operators.images import DEFAULT_MAX_PIXELS
+from operators.sampling import FrameSampling
 from operators.tiles import DEFAULT_PINPOINTS
 from pipeline.runlog import LEVELS
 
@@ -75,6 +76,7 @@ class EncodeConfig:
         for name in ("batch_size", "k_neighbors", "rows_per_shard", "max_image_pixels", "max_frame_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        self.sampling()  # --num-frames / --fps / --max-frames out of range: refused now, not in every decoder
         for name in ("num_decoders", "num_encoders"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
@@ -97,6 +99,16 @@ class EncodeConfig:
         patches = (image_size // patch_size) ** 2
         if self.budget is not None and not 1 <= self.budget <= patches:
             raise ValueError(f"--budget {self.budget}: the model has {patches} patches per view; use 1..{patches}")
+
+    def sampling(self) -> FrameSampling:
+        """The videos' frame sampling; raises ValueError (naming the flag) when out of range."""
+        try:
+            return FrameSampling(num_frames=self.num_frames, fps=self.fps, max_frames=self.max_frames)
+        except ValueError as error:
+            message = str(error)
+            for name in ("num_frames", "max_frames", "fps"):
+                message = message.replace(name, "--" + name.replace("_", "-"))
+            raise ValueError(message) from error
 
     def pinpoint_list(self) -> tuple[tuple[int, int], ...]:
         """``--pinpoints`` as ``((width, height), ...)``; raises ValueError when malformed or not positive."""

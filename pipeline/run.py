@@ -171,7 +171,8 @@ def build_dataset(rows: list[dict], config: EncodeConfig, image_size: int, actor
             .flat_map(
                 DecodeInputs,
                 fn_constructor_kwargs={"config": config, "image_size": image_size},
-                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=decoders),
+                # one input at a time per actor: inputs never queue behind one whose decoder hangs
+                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=decoders, max_tasks_in_flight_per_actor=1),
                 num_cpus=1,
                 **retries,
             )
@@ -323,7 +324,10 @@ def _encode(config: EncodeConfig, inputs: list[InputItem], image_size: int, meta
         logger.info("Ray at %s: %d encoder actor(s) on %s", ray.get_runtime_context().gcs_address, actors,
                     config.device)
         decoders = config.num_decoders or max(1, int(ray.cluster_resources().get("CPU", 1)) - actors)
-        build_dataset(rows, config, image_size, actors, gpus, decoders).write_datasink(sink)
+        # Writes hold no CPU: the decoder and encoder actors hold theirs for the whole run, and a write
+        # that waits for a free CPU would keep every shard in memory until the end (nothing committed).
+        build_dataset(rows, config, image_size, actors, gpus, decoders).write_datasink(
+            sink, ray_remote_args={"num_cpus": 0})
     return summarize_run(inputs, rows, done, failed, sink.stats, time.time() - started), config
 
 

@@ -8,16 +8,16 @@ EncodeTokens (actor, batch of frame rows → Arrow table): CLIP once plus PruMer
 
 What the input is to blame for (a `MediaError`, a decoder that hangs, crashes or is killed) becomes a
 row with ``error_type``/``error_message`` set that flows on to the sink's error table. Anything else (a
-remote read that keeps failing, a full disk, out of memory in this worker, a bug) is transient or ours:
-it raises, Ray retries the task a bounded number of times, and then the run fails loudly; it is never
-recorded as the input's fault, so a later run tries the input again.
+remote read that keeps failing after `pipeline.inputs.fetch`'s retries, a full disk, out of memory in
+this worker, a bug) is transient or ours: it raises and the run fails loudly (Ray restarts a dead actor
+and retries its task a bounded number of times); it is never recorded as the input's fault, so a later
+run tries the input again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 from collections.abc import Iterator
 
@@ -29,7 +29,6 @@ from operators.encode import ClipEncoder
 from operators.frames import FrameRequest, frame_rows
 from operators.preprocess import Preprocessing
 from operators.prumerge import prumerge
-from operators.sampling import FrameSampling
 from pipeline.child import ChildFailed, ChildProcess
 from pipeline.config import EncodeConfig
 from pipeline.inputs import local_file
@@ -37,15 +36,13 @@ from pipeline.schema import encoded_schema, failure_table, ragged, shard_schema,
 
 NO_ERROR = {"error_type": "", "error_message": "", "failed_frames": []}
 
-logger = logging.getLogger(__name__)
-
 
 def frame_request(config: EncodeConfig, image_size: int, path: str, skip_frames=(), frames=None) -> FrameRequest:
     """What `operators.frames.frame_rows` should make of one input under ``config``."""
     return FrameRequest(
         path=path,
         media=config.media,
-        sampling=FrameSampling(num_frames=config.num_frames, fps=config.fps, max_frames=config.max_frames),
+        sampling=config.sampling(),
         frames=tuple(frames) if frames is not None else None,
         skip_frames=frozenset(int(i) for i in skip_frames),
         preprocess=config.preprocess,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from operators.images import ImageDecodeError, load_image, to_rgb8
+from operators.images import ImageDecodeError, image_format, load_image, to_rgb8
 from media import decode_frame, video
 
 
@@ -168,6 +168,7 @@ def test_max_image_pixels_above_pillows_own_limit_is_the_limit_that_applies(tmp_
     Image.new("1", (14000, 13000)).save(big)  # 182 Mpx: Pillow refuses it on open by default
     image = load_image(str(big), max_pixels=200_000_000)
     assert image.shape == (13000, 14000, 3)
+    assert image_format(str(big)) == "png", "the job's second look at the header obeys no pixel limit"
     del image
     with pytest.raises(ImageDecodeError, match="exceeds max_pixels=100000000"):
         load_image(str(big), max_pixels=100_000_000)

@@ -209,6 +209,8 @@ def test_bad_arguments_exit_2(tmp_path, tiny_clip_dir):
                                                      "input size 336 px"),
     (["--method", "fixed", "--budget", "577"], "--budget 577: the model has 576 patches per view; use 1..576"),
     (["--pinpoints", "336x"], "--pinpoints must look like"),
+    (["--num-frames", "0"], "--num-frames must be >= 1, got 0"),
+    (["--fps", "-1"], "--fps must be > 0, got -1.0"),
 ])
 def test_settings_the_model_cannot_serve_exit_2_before_any_work(tmp_path, tiny_clip_dir, flags, message):
     result = subprocess.run(job_command(VIDEOS, tmp_path / "o", tiny_clip_dir, *flags),
@@ -391,19 +393,33 @@ def child_decoders() -> set[int]:
 
 def test_a_hanging_input_becomes_an_error_row_within_the_limit(tmp_path, tiny_clip_dir, ray_local):
     """A FIFO named like a video blocks FFmpeg's open forever: the decoder is stopped after
-    --decode-timeout-s and the input is an error row; the other input is encoded."""
+    --decode-timeout-s and the input is an error row; the other input is encoded and committed while the
+    decoder hangs (writes never wait for a CPU the actors hold)."""
     inputs = make_video_inputs(tmp_path / "in", ["h265_video.mp4"])
     os.mkfifo(inputs / "stuck.mp4")
     listing = tmp_path / "inputs.txt"
-    listing.write_text(f"{inputs / 'stuck.mp4'}\n{inputs / 'h265_video.mp4'}\n")
+    listing.write_text(f"{inputs / 'h265_video.mp4'}\n{inputs / 'stuck.mp4'}\n")
     output = tmp_path / "out"
+    first_shard: list[float] = []
+
+    def watch_for_the_first_shard():
+        while not first_shard and time.monotonic() - started < 120:
+            if list((output / "shards").glob("part-*.parquet")):
+                first_shard.append(time.monotonic())
+            time.sleep(0.2)
+
     started = time.monotonic()
+    watcher = threading.Thread(target=watch_for_the_first_shard)
+    watcher.start()
     summary = run(EncodeConfig(input=str(listing), output=str(output), model=str(tiny_clip_dir), num_frames=2,
-                               decode_timeout_s=5))
-    assert time.monotonic() - started < 120
+                               decode_timeout_s=20, rows_per_shard=1, batch_size=2))
+    finished = time.monotonic()
+    watcher.join()
+    assert finished - started < 120
+    assert first_shard and finished - first_shard[0] > 10, "the other input was committed while the decoder hung"
     (error,) = read(output, "errors").to_pylist()
     assert (Path(error["source_path"]).name, error["error_type"], error["frame_indices"]) == ("stuck.mp4", "DecoderStalled", [])
-    assert error["error_message"] == "no progress for 5 s: stopped as hung while opening the input"
+    assert error["error_message"] == "no progress for 20 s: stopped as hung while opening the input"
     assert (summary.encoded, summary.failed) == (1, 1)
 
 
