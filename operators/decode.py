@@ -311,14 +311,16 @@ class VideoReader:
         wanted = iter(indices.tolist())
         target = next(wanted, None)
         position = -1
+        if target is None:
+            return
         try:
             for frame in self._container.decode(self._stream):
                 position += 1
-                if target is None:
-                    return
                 if position == target:
                     yield DecodedFrame(target, float(self.info.timestamps_s[target]), convert(frame))
                     target = next(wanted, None)
+                    if target is None:
+                        return
             reason = f"the stream ends after {position + 1} of {self.info.num_frames} frames"
         except av.FFmpegError as error:
             reason = f"cannot be decoded: {_reason(error)}"
