@@ -214,7 +214,7 @@ class VideoReader:
                     first = self._decode_first(packet)
         except av.FFmpegError as error:
             stopped = f"the container cannot be read past {len(packets)} packets: {_reason(error)}"
-        if stopped is None and stream.frames > len(packets):  # the index lists samples whose data is missing
+        if stopped is None and self._indexes_samples() and stream.frames > len(packets):
             stopped = f"the container lists {stream.frames} frames but holds the data of {len(packets)} (truncated file?)"
         shown = _shown(packets)
         if not shown:
@@ -263,6 +263,12 @@ class VideoReader:
             unreadable_tail=f"{stopped}; frames after {times[-1]:.3f} s are lost" if stopped else None,
         )
         return info, timeline, keys
+
+    def _indexes_samples(self) -> bool:
+        """Whether the container's frame count is an index of every sample (MP4/MOV: the sample table), so
+        fewer packets than it lists means lost data. AVI's header count is not (packed B-frames: 150
+        listed, 149 packets in a playable file); Matroska and MPEG-TS give none."""
+        return "mp4" in self._container.format.name.split(",")
 
     def _decode_first(self, packet: av.Packet) -> av.VideoFrame | None:
         """The first picture, fed packet by packet; a packet the decoder rejects is skipped (a damaged start
