@@ -57,7 +57,12 @@ def frame_rows(request: FrameRequest) -> Iterator[dict]:
         else:
             yield from _video_rows(request)
     except MediaError as error:
-        yield {"kind": "error", "error_type": type(error).__name__, "error_message": error.reason, "failed_frames": []}
+        yield error_row(type(error).__name__, error.reason)
+
+
+def error_row(error_type: str, message: str, frames=()) -> dict:
+    """An error row: the whole input when ``frames`` is empty, else those sampled frames."""
+    return {"kind": "error", "error_type": error_type, "error_message": message, "failed_frames": [int(i) for i in frames]}
 
 
 class _Views:
@@ -113,14 +118,16 @@ def _video_rows(request: FrameRequest) -> Iterator[dict]:
                    **views(decoded.pixels, source_size)}
         yield from _failure_rows(failed)
         if info.unreadable_tail:  # frames past the damage are not even numbered: the whole tail is lost
-            yield {"kind": "error", "error_type": "TruncatedVideo", "error_message": info.unreadable_tail,
-                   "failed_frames": []}
+            yield error_row("TruncatedVideo", info.unreadable_tail)
 
 
 def _failure_rows(failed: list[FrameError]) -> Iterator[dict]:
     """One error row per run of consecutive failed sampled frames with the same reason."""
     for reason, group in itertools.groupby(failed, key=lambda f: f.reason):
         frames = [f.index for f in group]
-        span = f"frame {frames[0]}" if len(frames) == 1 else f"frames {frames[0]}-{frames[-1]} ({len(frames)} sampled)"
-        yield {"kind": "error", "error_type": "FrameDecodeError", "error_message": f"{span}: {reason}",
-               "failed_frames": frames}
+        yield error_row("FrameDecodeError", f"{frame_span(frames)}: {reason}", frames)
+
+
+def frame_span(frames: list[int]) -> str:
+    """``frame 7`` or ``frames 28-49 (4 sampled)``: how error messages name a run of sampled frames."""
+    return f"frame {frames[0]}" if len(frames) == 1 else f"frames {frames[0]}-{frames[-1]} ({len(frames)} sampled)"

@@ -159,12 +159,13 @@ def _inflated_idat_bytes(path: str, limit: int) -> int:
             if len(head) < 8:
                 break
             length, kind = struct.unpack(">I4s", head)
-            data = handle.read(length)
-            handle.seek(4, 1)  # CRC: Pillow checks it while decoding
             if kind == b"IEND":
                 break
             if kind != b"IDAT":
+                handle.seek(length + 4, 1)  # other chunks (and their CRC) are not read
                 continue
+            data = handle.read(length)
+            handle.seek(4, 1)  # CRC: Pillow checks it while decoding
             while data and total < limit:
                 total += len(inflater.decompress(data, INFLATE_CHUNK))
                 data = inflater.unconsumed_tail

@@ -73,13 +73,12 @@ class EncodeConfig:
             raise ValueError("--method fixed needs --budget K")
         if self.method != "fixed" and self.budget is not None:
             raise ValueError("--budget is only used with --method fixed")
-        for name in ("batch_size", "k_neighbors", "rows_per_shard", "max_image_pixels", "max_frame_pixels"):
-            if getattr(self, name) < 1:
+        for name in ("batch_size", "k_neighbors", "rows_per_shard", "max_image_pixels", "max_frame_pixels",
+                     "num_decoders", "num_encoders"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         self.sampling()  # --num-frames / --fps / --max-frames out of range: refused now, not in every decoder
-        for name in ("num_decoders", "num_encoders"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if not self.decode_timeout_s > 0:
             raise ValueError("--decode-timeout-s must be > 0")
         self.pinpoint_list()  # refuses a malformed --pinpoints now, not in every input's decoder

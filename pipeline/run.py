@@ -158,7 +158,8 @@ def pending_rows(inputs: list[InputItem], done: dict, failed: dict, sampled: dic
 
 def build_dataset(rows: list[dict], config: EncodeConfig, image_size: int, actors: int, gpus: float,
                   decoders: int) -> ray.data.Dataset:
-    """inputs (one per block) → decode (CPU actor pool, each input read once, frames streamed) → encode.
+    """inputs (up to `MAX_INPUT_BLOCKS` blocks) → decode (CPU actor pool, each input read once, frames
+    streamed) → encode (actor pool).
 
     Retries are bounded: an actor that dies is restarted, and its task retried, ``ACTOR_RETRIES`` times;
     after that the run fails (a poison input cannot loop it: the decoder's own crashes are error rows)."""
@@ -191,8 +192,9 @@ def build_dataset(rows: list[dict], config: EncodeConfig, image_size: int, actor
 
 class RunSetupError(Exception):
     """The run could not start: the settings do not fit the model, the input is missing, unreadable or
-    holds no media, the output cannot be written, or it holds shards made with other settings. No work was done and nothing was written
-    (where the output is only partly writable, an empty log file may be left)."""
+    holds no media, the output cannot be written, or it holds shards made with other settings. No work
+    was done and nothing was written (where the output is only partly writable, an empty log file may
+    be left)."""
 
 
 class RunFailed(RuntimeError):

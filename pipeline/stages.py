@@ -26,7 +26,7 @@ import pyarrow as pa
 import torch
 
 from operators.encode import ClipEncoder
-from operators.frames import FrameRequest, frame_rows
+from operators.frames import FrameRequest, error_row, frame_rows, frame_span
 from operators.preprocess import Preprocessing
 from operators.prumerge import prumerge
 from pipeline.child import ChildFailed, ChildProcess
@@ -72,8 +72,7 @@ class DecodeInputs:
             try:
                 path = stack.enter_context(local_file(row["source_path"]))
             except FileNotFoundError as error:  # listed, then gone: the input's fault, not the run's
-                yield self._failed(row, {"error_type": "FileNotFoundError", "error_message": f"no such file: {error}",
-                                         "failed_frames": []})
+                yield self._failed(row, error_row("FileNotFoundError", f"no such file: {error}"))
                 return
             request = frame_request(self.config, self.image_size, path, skip)
             todo: list[int] | None = None  # frames the child will decode, once it has probed the input
@@ -100,14 +99,11 @@ class DecodeInputs:
         """The error row for what a hung or dead decoder did not deliver (None: it had delivered everything)."""
         error_type = "DecoderStalled" if failure.stalled else "DecoderDied"
         if todo is None:
-            return {"error_type": error_type, "error_message": f"{failure.reason} while opening the input",
-                    "failed_frames": []}
+            return error_row(error_type, f"{failure.reason} while opening the input")
         lost = [i for i in todo if i not in delivered]
         if not lost:
             return None
-        span = f"frames {lost[0]}-{lost[-1]} ({len(lost)} sampled)" if len(lost) > 1 else f"frame {lost[0]}"
-        return {"error_type": error_type, "error_message": f"{span} not decoded: {failure.reason}",
-                "failed_frames": lost}
+        return error_row(error_type, f"{frame_span(lost)} not decoded: {failure.reason}", lost)
 
     def _row(self, row: dict, item: dict, source_info: str) -> dict:
         return {

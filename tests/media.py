@@ -91,36 +91,38 @@ def numbered_picture(number: int, width: int = 320, height: int = 240) -> np.nda
     return picture
 
 
+def write_h264(path: Path, pictures, fps: int, options: dict, container_format: str | None = None,
+               container_options: dict | None = None, rotation: float | None = None) -> Path:
+    """Encode ``pictures`` (``[H, W, 3]`` uint8 RGB, all one size) with libx264 at ``fps``, frame i at i/fps."""
+    pictures = iter(pictures)
+    first = next(pictures)
+    with av.open(str(path), "w", format=container_format, options=container_options or {}) as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.height, stream.width = first.shape[:2]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"preset": "ultrafast", **options}
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
+        for picture in (first, *pictures):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
 def write_numbered_clip(path: Path, num_frames: int, fps: int = 25, container_format: str | None = None,
                         options: dict | None = None, first_number: int = 0, rotation: float | None = None,
                         container_options: dict | None = None) -> Path:
     """An H.264 clip (B-frames unless ``options`` say otherwise) whose frame i shows ``first_number + i``."""
-    with av.open(str(path), "w", format=container_format, options=container_options or {}) as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = 320, 240, "yuv420p"
-        stream.options = {"preset": "ultrafast", "bf": "2", "g": str(2 * fps), **(options or {})}
-        if rotation is not None:
-            stream.set_display_rotation(rotation)
-        for index in range(num_frames):
-            frame = av.VideoFrame.from_ndarray(numbered_picture(first_number + index), format="rgb24")
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
-    return path
+    pictures = (numbered_picture(first_number + index) for index in range(num_frames))
+    return write_h264(path, pictures, fps, {"bf": "2", "g": str(2 * fps), **(options or {})}, container_format,
+                      container_options, rotation)
 
 
 def write_clip(path: Path, num_frames: int, fps: int, size: tuple[int, int] = (64, 48)) -> Path:
     """An H.264 clip whose frame i has constant timestamp i/fps and a grey level encoding i."""
     width, height = size
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"preset": "ultrafast", "g": str(4 * fps)}
-        for index in range(num_frames):
-            level = (index * 37) % 256
-            frame = av.VideoFrame.from_ndarray(np.full((height, width, 3), level, np.uint8), format="rgb24")
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
-    return path
+    pictures = (np.full((height, width, 3), (index * 37) % 256, np.uint8) for index in range(num_frames))
+    return write_h264(path, pictures, fps, {"g": str(4 * fps)})
 
 
 def pyav_frames(path: str) -> list[np.ndarray]:
