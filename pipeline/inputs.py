@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import fnmatch
-import glob
 import hashlib
 import logging
 import os
+import posixpath
 import re
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 from pathlib import PurePosixPath
+from urllib.parse import quote, unquote, urlsplit
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
@@ -29,6 +33,10 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp"})
 LIST_EXTENSIONS = frozenset({".txt", ".lst"})
 TABLE_EXTENSIONS = frozenset({".parquet", ".csv"})
 PATH_COLUMN = "path"
+GLOB_CHARACTERS = "*?["
+LOCAL = "local"  # the key of the local filesystem in `Listing.filesystems`
+# Recorded in every shard's metadata: outputs made under another rule must not be mixed.
+VIDEO_ID_RULE = "stem-sha256/128 of the canonical URI"
 FETCH_ATTEMPTS = 3  # reads of a remote input before its failure is the run's (transient), never the input's
 FETCH_BACKOFF_S = 2.0
 
@@ -37,8 +45,24 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class InputItem:
-    video_id: str  # stable: derived from the path relative to the input root (or as listed)
-    source_path: str  # what decoders open: a local path or a filesystem URI
+    """One input of a run: a file, named once however many times (and ways) it was listed."""
+
+    video_id: str  # `make_video_id` of ``canonical``
+    source_path: str  # recorded in the shards: an absolute local path, or a percent-encoded URI without options
+    path: str  # what opens it on ``Listing.filesystems[filesystem]``
+    filesystem: str = LOCAL
+    canonical: str = ""  # the file's canonical URI (see `canonical_uri`)
+    problem: str = ""  # why it cannot be read at all (its error row's reason); empty for a readable name
+
+
+@dataclass
+class Listing:
+    """What ``--input`` names: the inputs, the filesystems that open them, and what was left out and why."""
+
+    items: list[InputItem]
+    filesystems: dict[str, pafs.FileSystem]
+    duplicates: list[tuple[str, str]] = field(default_factory=list)  # (name as listed, source_path it repeats)
+    notes: list[str] = field(default_factory=list)  # everything else skipped, one line each
 
 
 def filesystem_and_path(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -52,83 +76,321 @@ def is_local(fs: pafs.FileSystem) -> bool:
     return isinstance(fs, pafs.LocalFileSystem)
 
 
-def _as_uri(fs: pafs.FileSystem, spec: str, path: str) -> str:
-    """``path`` as listed by ``fs``, turned back into a URI with ``spec``'s scheme when remote."""
-    return path if is_local(fs) else f"{spec.split('://', 1)[0]}://{path}"
+def make_video_id(canonical: str) -> str:
+    """``<stem>-<first 32 hex digits (128 bits) of SHA-256 of canonical>``: readable, and unique in practice.
+
+    ``canonical`` is a file's canonical URI (`canonical_uri`), so the id does not depend on how the
+    file was named: ``x``, ``./x``, ``//x``, its folder or a list file all give the same id."""
+    name = unquote(PurePosixPath(urlsplit(canonical).path).stem)
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:48].strip("_") or "input"
+    return f"{stem}-{hashlib.sha256(canonical.encode()).hexdigest()[:32]}"
 
 
-def make_video_id(key: str) -> str:
-    """Readable and unique: the file's stem plus a hash of its relative path (``a/clip.mp4`` ≠ ``b/clip.mp4``)."""
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", PurePosixPath(key).stem)[:48] or "input"
-    return f"{stem}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+def canonical_uri(scheme: str, path: str, host: str = "") -> str:
+    """The canonical URI of ``path``: ``file://`` + its real path (symlinks resolved, ``.``/``..``/``//``
+    collapsed), or ``scheme://`` + the filesystem path (bucket and key), percent-encoded (RFC 3986;
+    a local name's bytes exactly, also when they are not UTF-8); never any filesystem option."""
+    if scheme == "file":
+        return "file://" + quote(os.fsencode(os.path.realpath(path)), safe="/")
+    return f"{scheme}://{host}{quote(path, safe='/')}"
 
 
-def list_inputs(spec: str, media: str) -> list[InputItem]:
-    """Expand ``spec`` (directory, glob, list file, Parquet/CSV with a ``path`` column, or one file) to inputs.
+def list_inputs(spec: str, media: str) -> Listing:
+    """Expand ``--input`` to the run's inputs, each real file once.
 
-    Directories are searched recursively for ``media`` extensions; ids come from paths relative to
-    the directory (or to the glob's fixed prefix). Listed paths are taken as given, ids from them as written.
+    ``spec`` is a local path or a URI (``scheme://bucket/key?pyarrow-options``, percent-encoded; a space
+    or a non-ASCII character is taken as itself). A path that exists is a file or a directory, whatever
+    characters its name has; only a name that does not exist is a glob (``*``, ``?``, ``[...]`` within a
+    name, ``**`` for any number of folders; the longest existing leading folder is taken literally).
+    Directories (and globs) are searched recursively for ``media``'s extensions, skipping names that
+    start with a dot, following symbolic links but never into a directory already listed. A text file
+    (``.txt``/``.lst``) or a table (``.parquet``/``.csv`` with a ``path`` column) lists one input per
+    line or row (format: `read_list_file`, `read_path_table`); a single other file is one input.
+
+    Raises:
+        FileNotFoundError: ``spec`` neither exists nor is a glob.
+        ValueError: ``spec`` is not a URI pyarrow can open, or a table has no ``path`` column.
+        OSError: the listing itself failed (permissions, network).
     """
-    extensions = VIDEO_EXTENSIONS if media == "video" else IMAGE_EXTENSIONS
-    fs, path = filesystem_and_path(spec)
-    if any(ch in spec for ch in "*?["):
-        return _from_glob(fs, spec, path, extensions)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.Directory:
-        selector = pafs.FileSelector(path, recursive=True)
-        files = sorted(
-            f.path for f in fs.get_file_info(selector)
-            if f.type == pafs.FileType.File and PurePosixPath(f.path).suffix.lower() in extensions
-            and not PurePosixPath(f.path).name.startswith(".")
-        )
-        return _unique([InputItem(make_video_id(os.path.relpath(f, path)), _as_uri(fs, spec, f)) for f in files])
-    if info.type != pafs.FileType.File:
-        raise FileNotFoundError(f"--input {spec!r} does not exist")
-    suffix = PurePosixPath(path).suffix.lower()
-    if suffix in LIST_EXTENSIONS:
-        with fs.open_input_stream(path) as stream:
-            lines = stream.read().decode().splitlines()
-        listed = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-        return _unique([InputItem(make_video_id(p), p) for p in listed])
-    if suffix in TABLE_EXTENSIONS:
-        with fs.open_input_file(path) as handle:
-            table = pq.read_table(handle) if suffix == ".parquet" else pacsv.read_csv(handle)
-        if PATH_COLUMN not in table.column_names:
-            raise ValueError(f"--input {spec!r} has no {PATH_COLUMN!r} column (columns: {table.column_names})")
-        listed = [p for p in table.column(PATH_COLUMN).to_pylist() if p]
-        return _unique([InputItem(make_video_id(p), p) for p in listed])
-    return [InputItem(make_video_id(PurePosixPath(path).name), spec)]
+    lister = _Lister(VIDEO_EXTENSIONS if media == "video" else IMAGE_EXTENSIONS)
+    lister.add_spec(spec)
+    return lister.listing()
 
 
-def _from_glob(fs: pafs.FileSystem, spec: str, path: str, extensions: frozenset[str]) -> list[InputItem]:
-    prefix = path[: min(path.index(ch) for ch in "*?[" if ch in path)]
-    root = prefix if prefix.endswith("/") else os.path.dirname(prefix)
-    if is_local(fs):
-        matches = sorted(m for m in glob.glob(path, recursive=True) if os.path.isfile(m))
-    else:
-        listing = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-        matches = sorted(f.path for f in listing if f.type == pafs.FileType.File and fnmatch.fnmatch(f.path, path))
-    matches = [m for m in matches if PurePosixPath(m).suffix.lower() in extensions]
-    return _unique([InputItem(make_video_id(os.path.relpath(m, root)), _as_uri(fs, spec, m)) for m in matches])
+class _Lister:
+    """Collects inputs from the named places, each real file once (by canonical URI)."""
+
+    def __init__(self, extensions: frozenset[str]) -> None:
+        self.extensions = extensions
+        self.filesystems: dict[str, pafs.FileSystem] = {LOCAL: pafs.LocalFileSystem()}
+        self._fs_keys: dict[tuple[str, str, str], tuple[str, str]] = {}  # (scheme, netloc, query) → key, root
+        self._schemes: dict[str, str] = {LOCAL: "file"}
+        self._hosts: dict[str, str] = {LOCAL: ""}
+        self.items: dict[str, InputItem] = {}  # canonical → item
+        self.ids: dict[str, str] = {}  # video_id → canonical
+        self.duplicates: list[tuple[str, str]] = []
+        self.notes: list[str] = []
+
+    def listing(self) -> Listing:
+        return Listing(list(self.items.values()), self.filesystems, self.duplicates, self.notes)
+
+    def locate(self, name: str, like: str = LOCAL) -> tuple[str, str]:
+        """(filesystem key, path) of a local path or a URI; a URI's options pick (and name) its filesystem.
+
+        A URI without options or credentials on the same filesystem kind as ``like`` (the filesystem of
+        the list file naming it) is opened with ``like``'s filesystem: a list on a MinIO server names
+        objects on that server.
+
+        Raises:
+            ValueError: the URI has a fragment (``#``: write ``%23`` in a name) or pyarrow cannot open it.
+        """
+        if "://" not in name:
+            path = os.path.abspath(name)
+            return LOCAL, "/" + path.lstrip("/")  # POSIX keeps a leading "//"; Linux reads it as "/"
+        parts = urlsplit(name)
+        if parts.fragment:
+            raise ValueError(f"{name!r}: a URI cannot hold '#' (it starts a fragment); write it as %23")
+        path = unquote(parts.path)
+        if parts.scheme == "file":
+            return LOCAL, path
+        if like != LOCAL and parts.scheme == self._schemes[like] and not parts.query and "@" not in parts.netloc:
+            if not self._hosts[like]:  # s3://bucket/key: the bucket is part of the path
+                return like, f"{parts.netloc}{path}".rstrip("/")
+            if parts.netloc == self._hosts[like]:
+                return like, path
+        identity = (parts.scheme, parts.netloc, parts.query)
+        if identity not in self._fs_keys:
+            query = f"?{parts.query}" if parts.query else ""
+            fs, root = pafs.FileSystem.from_uri(f"{parts.scheme}://{parts.netloc}{query}")
+            key = f"fs{len(self._fs_keys)}"
+            self._fs_keys[identity] = (key, root.rstrip("/"))
+            self.filesystems[key] = fs
+            self._schemes[key] = parts.scheme
+            self._hosts[key] = "" if root else parts.netloc.rpartition("@")[2]  # hdfs://host:port: a host, not a bucket
+        key, root = self._fs_keys[identity]
+        return key, f"{root}{path}".rstrip("/") if root else path
+
+    def add(self, key: str, path: str, listed_as: str) -> None:
+        """One named file: kept once by its canonical URI; a repeat is recorded in ``duplicates``."""
+        canonical = canonical_uri(self._schemes[key], path, self._hosts[key])
+        if canonical in self.items:
+            self.duplicates.append((listed_as, self.items[canonical].source_path))
+            return
+        video_id = make_video_id(canonical)
+        if self.ids.setdefault(video_id, canonical) != canonical:
+            raise ValueError(f"two inputs have the same video_id {video_id}: {self.ids[video_id]} and {canonical}")
+        problem = ""
+        if key == LOCAL:
+            source_path = os.fsencode(path).decode("utf-8", "backslashreplace")
+            if source_path != path:
+                problem = ("the path is not valid UTF-8 (its undecodable bytes are shown as \\xNN); "
+                           "rename the file to encode it")
+        else:
+            source_path = canonical
+        self.items[canonical] = InputItem(video_id, source_path, path, key, canonical, problem)
+
+    def add_spec(self, spec: str) -> None:
+        key, path = self.locate(spec)
+        fs = self.filesystems[key]
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.Directory:
+            self.add_tree(key, path)
+        elif info.type == pafs.FileType.File:
+            self.add_named_file(key, path, spec)
+        elif any(ch in path for ch in GLOB_CHARACTERS):
+            self.add_glob(key, path)
+        else:
+            raise FileNotFoundError(f"--input {spec!r} does not exist (and is not a glob: no * ? or [ in it)")
+
+    def add_named_file(self, key: str, path: str, spec: str) -> None:
+        suffix = PurePosixPath(path).suffix.lower()
+        if suffix in LIST_EXTENSIONS:
+            self.add_list_file(key, path)
+        elif suffix in TABLE_EXTENSIONS:
+            self.add_path_table(key, path, spec)
+        else:
+            self.add(key, path, spec)
+
+    def add_tree(self, key: str, root: str, pattern: list[str] | None = None) -> None:
+        """Every file under ``root`` with a media extension (and matching ``pattern``'s components, if given)."""
+        depth = None if pattern is None or "**" in pattern else len(pattern)
+        for path in self.walk(key, root, depth):
+            relative = path[len(root):].lstrip("/").split("/")
+            if PurePosixPath(path).suffix.lower() not in self.extensions:
+                continue
+            if pattern is None or _match(pattern, relative):
+                self.add(key, path, path)
+
+    def add_glob(self, key: str, path: str) -> None:
+        parts = path.split("/")
+        fixed = 1  # leading components that exist are taken literally, even with [ ] in their names
+        while fixed < len(parts) and self.filesystems[key].get_file_info(
+                "/".join(parts[: fixed + 1]) or "/").type == pafs.FileType.Directory:
+            fixed += 1
+        root = "/".join(parts[:fixed]) or "/"
+        self.add_tree(key, root, parts[fixed:])
+
+    def walk(self, key: str, root: str, depth: int | None) -> Iterator[str]:
+        """Files under ``root`` (at most ``depth`` levels down), skipping dot-names, sorted per directory."""
+        if key != LOCAL:
+            selector = pafs.FileSelector(root, recursive=depth != 1)
+            for info in sorted(self.filesystems[key].get_file_info(selector), key=lambda i: i.path):
+                parts = info.path[len(root):].lstrip("/").split("/")
+                if (info.type == pafs.FileType.File and (depth is None or len(parts) <= depth)
+                        and not any(part.startswith(".") for part in parts)):
+                    yield info.path
+            return
+        seen: set[tuple[int, int]] = set()
+        stack = [(root, 1)]
+        while stack:
+            directory, level = stack.pop()
+            try:
+                status = os.stat(directory)
+                if (status.st_dev, status.st_ino) in seen:
+                    self.notes.append(f"{directory}: a link to a directory already listed; not listed again")
+                    continue
+                seen.add((status.st_dev, status.st_ino))
+                with os.scandir(directory) as scan:
+                    entries = sorted(scan, key=lambda e: e.name)
+            except OSError as error:
+                self.notes.append(f"{directory}: cannot be listed ({error.strerror or error}); its files are not inputs")
+                continue
+            subdirectories = []
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir():
+                    if depth is None or level < depth:
+                        subdirectories.append((entry.path, level + 1))
+                elif entry.is_file() or entry.is_symlink():  # a dangling link is listed: its error row says so
+                    yield entry.path
+            stack.extend(reversed(subdirectories))
+
+    def add_list_file(self, key: str, path: str) -> None:
+        for line in read_list_file(self.filesystems[key], path):
+            number, name, problem = line.number, line.name, line.problem
+            where = f"{path}:{number}"
+            if line.comment:
+                named = os.path.join(os.path.dirname(path), name)
+                if key == LOCAL and os.path.lexists(named):
+                    self.notes.append(f"{where}: {name!r} is a comment, but a file of that name exists; "
+                                      f"write it as ./{name} to list it")
+                continue
+            if problem:
+                self.notes.append(f"{where}: {problem}")
+                continue
+            try:
+                line_key, line_path = self._resolve(key, path, name)
+            except ValueError as error:
+                self.notes.append(f"{where}: {error}")
+                continue
+            self.add(line_key, line_path, where)
+
+    def add_path_table(self, key: str, path: str, spec: str) -> None:
+        for number, name in read_path_table(self.filesystems[key], path, spec):
+            where = f"{path} row {number}"
+            if not name:
+                self.notes.append(f"{where}: no path")
+                continue
+            try:
+                row_key, row_path = self._resolve(key, path, name)
+            except ValueError as error:
+                self.notes.append(f"{where}: {error}")
+                continue
+            self.add(row_key, row_path, where)
+
+    def _resolve(self, key: str, list_path: str, name: str) -> tuple[str, str]:
+        """A listed name: a URI, an absolute path, or a path relative to the list's own folder."""
+        if "://" in name:
+            return self.locate(name, like=key)
+        folder = posixpath.dirname(list_path)
+        if key == LOCAL:
+            return LOCAL, "/" + os.path.normpath(os.path.join(folder, name)).lstrip("/")
+        return key, posixpath.normpath(posixpath.join(folder, name))
 
 
-def _unique(items: list[InputItem]) -> list[InputItem]:
-    """Drop repeated listings of the same input (same id), keeping the first."""
-    seen: dict[str, InputItem] = {}
-    for item in items:
-        seen.setdefault(item.video_id, item)
-    return list(seen.values())
+def _match(pattern: list[str], parts: list[str]) -> bool:
+    """Glob match by path component: ``**`` spans any number of folders, other components are `fnmatchcase`."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(_match(pattern[1:], parts[i:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _match(pattern[1:], parts[1:])
+
+
+class ListLine(NamedTuple):
+    number: int  # from 1
+    name: str  # the path or URI as written (a comment: its text, with the #)
+    problem: str = ""  # why the line names no input
+    comment: bool = False
+
+
+def read_list_file(fs: pafs.FileSystem, path: str) -> Iterator[ListLine]:
+    """Each line of a list file that is not blank.
+
+    Format: UTF-8 (a leading byte-order mark is dropped), one path or URI per line, ``\\n`` or
+    ``\\r\\n`` line ends. A line is taken exactly as written, spaces included; a blank line (only
+    whitespace) is skipped; a line whose first character is ``#`` is a comment (write a name that
+    starts with ``#`` as ``./#name``). Relative paths are relative to the list file's folder. A local
+    name that is not valid UTF-8 is passed on as its bytes (``os.fsdecode``); a URI must be text.
+    """
+    with fs.open_input_stream(path) as stream:
+        data = stream.read()
+    data = data.removeprefix(codecs.BOM_UTF8)
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        raw = raw.removesuffix(b"\r")
+        if not raw.strip():
+            continue
+        try:
+            yield ListLine(number, raw.decode("utf-8"), comment=raw.startswith(b"#"))
+        except UnicodeDecodeError:
+            if raw.startswith(b"#"):
+                yield ListLine(number, os.fsdecode(raw), comment=True)
+            elif b"://" in raw or not is_local(fs):
+                yield ListLine(number, "", f"not valid UTF-8: {raw!r}")
+            else:
+                yield ListLine(number, os.fsdecode(raw))
+
+
+def read_path_table(fs: pafs.FileSystem, path: str, spec: str) -> Iterator[tuple[int, str]]:
+    """``(row number, name)`` for each row of a Parquet or CSV table's ``path`` column (from 1).
+
+    The column may be string, large string, dictionary-encoded or binary (binary values that are not
+    UTF-8 are local names, `os.fsdecode`); a null is an empty name.
+
+    Raises:
+        ValueError: the table has no ``path`` column, or it holds neither text nor bytes.
+    """
+    with fs.open_input_file(path) as handle:
+        if path.lower().endswith(".parquet"):
+            names = pq.read_schema(handle).names
+            if PATH_COLUMN not in names:
+                raise ValueError(f"--input {spec!r} has no {PATH_COLUMN!r} column (columns: {names})")
+            column = pq.read_table(handle, columns=[PATH_COLUMN]).column(PATH_COLUMN)
+        else:
+            options = pacsv.ConvertOptions(column_types={PATH_COLUMN: pa.string()}, include_columns=[PATH_COLUMN])
+            try:
+                column = pacsv.read_csv(handle, convert_options=options).column(PATH_COLUMN)
+            except pa.ArrowInvalid as error:
+                raise ValueError(f"--input {spec!r}: cannot read its {PATH_COLUMN!r} column: {error}") from error
+    kind = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind)
+            or pa.types.is_large_binary(kind)):
+        raise ValueError(f"--input {spec!r}: its {PATH_COLUMN!r} column is {column.type}, not text or bytes")
+    for number, value in enumerate(column.to_pylist(), start=1):
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "surrogateescape")
+        yield number, value or ""
 
 
 @contextlib.contextmanager
-def local_file(source_path: str) -> Iterator[str]:
-    """A local path for ``source_path``: itself when local, else a temporary copy (`fetch`), made once.
+def local_file(fs: pafs.FileSystem, path: str) -> Iterator[str]:
+    """A local path for ``path`` on ``fs``: itself when local, else a temporary copy (`fetch`), made once.
 
     Raises:
         FileNotFoundError: the remote file does not exist.
         OSError: the remote file could not be read, ``FETCH_ATTEMPTS`` times (transient: not the input's fault).
     """
-    fs, path = filesystem_and_path(source_path)
     if is_local(fs):
         yield path
         return

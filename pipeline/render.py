@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 from operators.frames import frame_rows
 from pipeline.config import EncodeConfig
 from pipeline.dataset import select_frames
-from pipeline.inputs import local_file
+from pipeline.inputs import filesystem_and_path, local_file
 from pipeline.reader import Frame, TokenReader, VideoTokens
 from pipeline.stages import frame_request
 
@@ -48,7 +48,7 @@ def source_views(video: VideoTokens, metadata: dict) -> list[np.ndarray]:
     pinpoints = {"pinpoints": preprocessing["pinpoints"]} if preprocessing["pinpoints"] else {}
     config = EncodeConfig(media=metadata["media"], preprocess=preprocessing["mode"], anyres=preprocessing["anyres"],
                           **pinpoints)
-    with local_file(video.source_path) as path:
+    with local_file(*filesystem_and_path(video.source_path)) as path:
         wanted = [frame.frame_index for frame in video.frames]
         request = frame_request(config, preprocessing["image_size"], path, frames=wanted)
         rows = list(frame_rows(request))

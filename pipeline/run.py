@@ -18,7 +18,8 @@ from transformers import CLIPVisionConfig
 
 from operators.encode import load_vision_config
 from pipeline.config import EncodeConfig
-from pipeline.inputs import InputItem, error_files, filesystem_and_path, list_inputs, read_committed, read_error_rows
+from pipeline.inputs import (VIDEO_ID_RULE, InputItem, Listing, error_files, filesystem_and_path, list_inputs,
+                             read_committed, read_error_rows)
 from pipeline.runlog import RunLog, new_run_id, plain_text, utc_timestamp, write_run_record
 from pipeline.schema import SCHEMA_VERSION, read_file_metadata
 from pipeline.sink import ShardSink, WriteStats, remove_stale_temporaries
@@ -36,9 +37,13 @@ class RunSummary:
     """What one run did. Each input counts once: ``encoded`` (all its sampled frames are in shards),
     ``partly_failed`` (some frames in shards, some in errors, e.g. a damaged tail), ``failed`` (errors
     only), ``skipped`` (nothing left to do from earlier runs; ``skipped_failed`` of them have error
-    rows), or ``missing`` (neither: a fault)."""
+    rows), or ``missing`` (neither: a fault). ``duplicates``: names that listed an input already
+    listed (another name for the same file); ``listing_notes``: lines, rows or folders the listing
+    skipped (each named in the log)."""
 
     inputs: int
+    duplicates: int
+    listing_notes: int
     skipped: int
     skipped_failed: int
     encoded: int
@@ -62,6 +67,10 @@ class RunSummary:
             f"{self.frames_per_s:.2f} frames/s over {self.wall_s:.1f} s, {self.bytes_written / 1e6:.2f} MB written, "
             f"{self.error_rows} error rows",
         ]
+        if self.duplicates:
+            lines.append(f"names of inputs already listed: {self.duplicates} (each file is encoded once; named in the log)")
+        if self.listing_notes:
+            lines.append(f"skipped while listing: {self.listing_notes} (lines, rows or folders; named in the log)")
         if self.missing:
             lines.append(f"inputs with neither tokens nor an error row: {self.missing} (named in the log)")
         return lines
@@ -72,6 +81,7 @@ def run_metadata(config: EncodeConfig, vision: CLIPVisionConfig) -> dict:
     grid = vision.image_size // vision.patch_size
     return {
         "media": config.media,
+        "video_id_rule": VIDEO_ID_RULE,
         "model": config.model,
         "model_revision": getattr(vision, "_commit_hash", None),
         "layer": config.layer,
@@ -149,6 +159,9 @@ def pending_rows(inputs: list[InputItem], done: dict, failed: dict, sampled: dic
             {
                 "video_id": item.video_id,
                 "source_path": item.source_path,
+                "path": item.path,
+                "filesystem": item.filesystem,
+                "problem": item.problem,
                 "done_frames": sorted(done.get(item.video_id, ())),
                 "failed_frames": sorted(failed.get(item.video_id) or ()),
             }
@@ -156,8 +169,8 @@ def pending_rows(inputs: list[InputItem], done: dict, failed: dict, sampled: dic
     return rows
 
 
-def build_dataset(rows: list[dict], config: EncodeConfig, image_size: int, actors: int, gpus: float,
-                  decoders: int) -> ray.data.Dataset:
+def build_dataset(rows: list[dict], config: EncodeConfig, image_size: int, filesystems: dict[str, pafs.FileSystem],
+                  actors: int, gpus: float, decoders: int) -> ray.data.Dataset:
     """inputs (up to `MAX_INPUT_BLOCKS` blocks) → decode (CPU actor pool, each input read once, frames
     streamed) → encode (actor pool).
 
@@ -171,7 +184,7 @@ def build_dataset(rows: list[dict], config: EncodeConfig, image_size: int, actor
             ray.data.from_items(rows, override_num_blocks=min(len(rows), MAX_INPUT_BLOCKS))
             .flat_map(
                 DecodeInputs,
-                fn_constructor_kwargs={"config": config, "image_size": image_size},
+                fn_constructor_kwargs={"config": config, "image_size": image_size, "filesystems": filesystems},
                 # one input at a time per actor: inputs never queue behind one whose decoder hangs
                 compute=ray.data.ActorPoolStrategy(min_size=1, max_size=decoders, max_tasks_in_flight_per_actor=1),
                 num_cpus=1,
@@ -239,11 +252,12 @@ def run(config: EncodeConfig) -> RunSummary:
         config.check_model_fit(vision.image_size, vision.patch_size)
         check_output_compatible(config.output, metadata_)
         logger.info("listing inputs of %s", config.input)
-        inputs = list_inputs(config.input, config.media)
+        listing = list_inputs(config.input, config.media)
     except (OSError, ValueError) as error:
         raise RunSetupError(str(error)) from error
-    if not inputs:
-        raise RunSetupError(f"--input {config.input!r} holds no {config.media} files")
+    if not listing.items:
+        skipped = "".join(f"\n  skipped: {note}" for note in listing.notes[:20])
+        raise RunSetupError(f"--input {config.input!r} holds no {config.media} files{skipped}")
 
     run_id = new_run_id(started)
     record = {
@@ -274,7 +288,8 @@ def run(config: EncodeConfig) -> RunSummary:
         ray_was_running = ray.is_initialized()
         try:
             errors_before = error_files(config.output)
-            summary, config = _encode(config, inputs, vision.image_size, metadata_, started)
+            _log_listing(listing)
+            summary, config = _encode(config, listing, vision.image_size, metadata_, started)
             _log_failures(config.output, errors_before)
             failures_logged = True
             for line in summary.lines():
@@ -306,7 +321,7 @@ def run(config: EncodeConfig) -> RunSummary:
     return summary
 
 
-def _encode(config: EncodeConfig, inputs: list[InputItem], image_size: int, metadata_: dict,
+def _encode(config: EncodeConfig, listing: Listing, image_size: int, metadata_: dict,
             started: float) -> tuple[RunSummary, EncodeConfig]:
     """Plan against what earlier runs committed, run the graph, and summarise.
 
@@ -314,6 +329,7 @@ def _encode(config: EncodeConfig, inputs: list[InputItem], image_size: int, meta
     removed = remove_stale_temporaries(config.output)
     if removed:
         logger.info("removed %d temporary files left by an interrupted run", removed)
+    inputs = listing.items
     done, failed, sampled = read_committed(config.output)
     rows = pending_rows(inputs, done, failed, sampled)
     _log_plan(inputs, rows, failed, config.media)
@@ -328,9 +344,16 @@ def _encode(config: EncodeConfig, inputs: list[InputItem], image_size: int, meta
         decoders = config.num_decoders or max(1, int(ray.cluster_resources().get("CPU", 1)) - actors)
         # Writes hold no CPU: the decoder and encoder actors hold theirs for the whole run, and a write
         # that waits for a free CPU would keep every shard in memory until the end (nothing committed).
-        build_dataset(rows, config, image_size, actors, gpus, decoders).write_datasink(
+        build_dataset(rows, config, image_size, listing.filesystems, actors, gpus, decoders).write_datasink(
             sink, ray_remote_args={"num_cpus": 0})
-    return summarize_run(inputs, rows, done, failed, sink.stats, time.time() - started), config
+    return summarize_run(listing, rows, done, failed, sink.stats, time.time() - started), config
+
+
+def _log_listing(listing: Listing) -> None:
+    for name, source_path in listing.duplicates:
+        logger.warning("listed again: %s names the input %s (encoded once)", name, source_path)
+    for note in listing.notes:
+        logger.warning("skipped while listing: %s", note)
 
 
 def _log_plan(inputs: list[InputItem], rows: list[dict], failed: dict, media: str) -> None:
@@ -369,9 +392,10 @@ def _log_failures(output: str, before: set[str]) -> None:
                        more, frames)
 
 
-def summarize_run(inputs: list[InputItem], rows: list[dict], done: dict, failed: dict, stats: WriteStats,
+def summarize_run(listing: Listing, rows: list[dict], done: dict, failed: dict, stats: WriteStats,
                   wall_s: float) -> RunSummary:
     """Count each input once, by what the output holds for it now (earlier runs' commits included)."""
+    inputs = listing.items
     touched = stats.encoded_videos | stats.failed_videos
     with_tokens = set(done) | stats.encoded_videos
     with_errors = set(failed) | stats.failed_videos
@@ -381,6 +405,8 @@ def summarize_run(inputs: list[InputItem], rows: list[dict], done: dict, failed:
         logger.error("%s ended in neither shards nor errors (no frame was sampled or decoded)", row["source_path"])
     return RunSummary(
         inputs=len(inputs),
+        duplicates=len(listing.duplicates),
+        listing_notes=len(listing.notes),
         skipped=len(seen_before - touched),
         skipped_failed=len((seen_before - touched) & set(failed)),
         encoded=len(touched - with_errors),

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import torch
 
 from operators.encode import ClipEncoder
@@ -55,22 +56,29 @@ def frame_request(config: EncodeConfig, image_size: int, path: str, skip_frames=
 
 
 class DecodeInputs:
-    """Ray actor: input rows (``video_id``, ``source_path``, ``done_frames``, ``failed_frames``) → frame rows.
+    """Ray actor: input rows (``video_id``, ``source_path``, ``path``, ``filesystem``, ``problem``,
+    ``done_frames``, ``failed_frames``) → frame rows.
 
-    One child process per actor does the decoding; it is killed when it sends nothing for
-    ``config.decode_timeout_s`` and restarted for the next input.
+    ``filesystems`` (`pipeline.inputs.Listing.filesystems`) open each row's ``path``: the filesystem
+    that listed an input opens it, with its options (endpoint, region). One child process per actor
+    does the decoding; it is killed when it sends nothing for ``config.decode_timeout_s`` and
+    restarted for the next input.
     """
 
-    def __init__(self, config: EncodeConfig, image_size: int) -> None:
+    def __init__(self, config: EncodeConfig, image_size: int, filesystems: dict[str, pafs.FileSystem]) -> None:
         self.config = config
         self.image_size = image_size
+        self.filesystems = filesystems
         self.child = ChildProcess(config.decode_timeout_s, preload=("operators.frames",))
 
     def __call__(self, row: dict) -> Iterator[dict]:
+        if row["problem"]:  # a name no decoder can open (the listing found out)
+            yield self._failed(row, error_row("InvalidPath", row["problem"]))
+            return
         skip = [*row["done_frames"], *row["failed_frames"]]
         with contextlib.ExitStack() as stack:
             try:
-                path = stack.enter_context(local_file(row["source_path"]))
+                path = stack.enter_context(local_file(self.filesystems[row["filesystem"]], row["path"]))
             except FileNotFoundError as error:  # listed, then gone: the input's fault, not the run's
                 yield self._failed(row, error_row("FileNotFoundError", f"no such file: {error}"))
                 return

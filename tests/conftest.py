@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -49,3 +54,38 @@ def ray_local():
     ray.init(address="local", num_cpus=2, include_dashboard=False)  # log_to_driver, as the job starts it
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A local S3 server (moto's server mode) on 127.0.0.1; yields its ``host:port``."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("the local S3 server did not start")
+                time.sleep(0.2)
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+@pytest.fixture(scope="session")
+def s3_client(s3_server):
+    """A boto3 client of `s3_server` and the URI part that reaches it: ``(client, credentials, options)``,
+    as in ``s3://{credentials}bucket/key?{options}`` (credentials travel with pyarrow's filesystem object)."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=f"http://{s3_server}", aws_access_key_id="test",
+                          aws_secret_access_key="test", region_name="us-east-1")
+    return client, "test:test@", f"endpoint_override={s3_server}&scheme=http&region=us-east-1"

@@ -467,3 +467,55 @@ def test_a_failure_that_is_not_the_inputs_fails_the_run_and_is_never_an_error_ro
     assert not list(output.rglob("errors/*.parquet"))
     (record,) = [json.loads(p.read_text()) for p in (output / "runs").glob("*.json")]
     assert record["status"] == "failed"
+
+
+def test_each_file_is_encoded_once_under_one_id_however_it_is_listed(tmp_path, tiny_clip_dir, ray_local, s3_client):
+    """A bracketed folder is a folder, a symlink cycle adds nothing, a wider root and a list naming the same
+    files three ways re-encode nothing, a non-UTF-8 name is an error row, and awkward S3 keys are read
+    through the filesystem that listed them."""
+    from PIL import Image
+
+    root = tmp_path / "in"
+    photos = root / "photos [2020]"
+    photos.mkdir(parents=True)
+    frame = decode_frame(video("bt709_full_range.mp4"))
+    Image.fromarray(frame[:200, :300]).save(photos / "a.jpg")
+    Image.fromarray(frame[200:400, :300]).save(photos / "b.png")
+    (photos / os.fsdecode(b"caf\xe9.png")).write_bytes((photos / "b.png").read_bytes())
+    (photos / "loop").symlink_to(root)
+    output = tmp_path / "out"
+
+    def encode(spec: str):
+        return run(EncodeConfig(input=spec, output=str(output), model=str(tiny_clip_dir), media="image", batch_size=4))
+
+    first = encode(str(photos))
+    assert (first.inputs, first.encoded, first.failed, first.listing_notes) == (3, 2, 1, 1)
+    ids = {r["source_path"]: r["video_id"] for r in read(output).to_pylist()}
+    assert sorted(ids) == [str(photos / "a.jpg"), str(photos / "b.png")]
+    (error,) = read(output, "errors").to_pylist()
+    assert error["error_type"] == "InvalidPath" and error["source_path"] == str(photos) + "/caf\\xe9.png"
+
+    Image.fromarray(frame[400:600, :300]).save(root / "c.webp")
+    wider = encode(str(root))
+    assert (wider.inputs, wider.skipped, wider.skipped_failed, wider.encoded) == (4, 3, 1, 1)
+
+    listed = tmp_path / "list.txt"
+    listed.write_text(f"in/photos [2020]/a.jpg\n./in/photos [2020]/a.jpg\n/{photos}/a.jpg\n{root}/c.webp\n")
+    again = encode(str(listed))
+    assert (again.inputs, again.skipped, again.duplicates, again.encoded, again.failed) == (2, 2, 2, 0, 0)
+    shards = read(output).to_pandas()
+    assert not shards.duplicated(KEY).any() and shards["video_id"].nunique() == 3
+
+    client, credentials, options = s3_client
+    client.create_bucket(Bucket="jobs")
+    keys = ["media/a b#1?.jpg", "media/café.jpg"]
+    for key in keys:
+        client.put_object(Bucket="jobs", Key=key, Body=(photos / "a.jpg").read_bytes())
+    s3_output = tmp_path / "s3-out"
+    remote = run(EncodeConfig(input=f"s3://{credentials}jobs/media?{options}", output=str(s3_output),
+                              model=str(tiny_clip_dir), media="image", batch_size=4))
+    assert (remote.inputs, remote.encoded, remote.failed) == (2, 2, 0)
+    rows = read(s3_output).to_pylist()
+    assert sorted(r["source_path"] for r in rows) == ["s3://jobs/media/a%20b%231%3F.jpg", "s3://jobs/media/caf%C3%A9.jpg"]
+    local_tokens = next(r["tokens"] for r in read(output).to_pylist() if r["source_path"].endswith("a.jpg"))
+    assert all(r["tokens"] == local_tokens for r in rows), "the same bytes give the same tokens"
