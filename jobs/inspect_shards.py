@@ -3,6 +3,11 @@
     python jobs/inspect_shards.py OUT                      # per-run summary
     python jobs/inspect_shards.py OUT --png kept.png       # ... and a picture of the first video
     python jobs/inspect_shards.py OUT --video ID --png kept.png --max-frames 12
+
+The summary lists the failed inputs and frames with their reasons; an output whose every input failed
+(no shards) is summarised too. Exit status: 0 when the summary (and the picture) was made, 2 when OUT
+is not an output this reader can open or holds no tokens for the video to draw, 1 when the picture
+cannot be made.
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ def main() -> int:
         print(f"error: no tokens for video {args.video!r} in {args.output}", file=sys.stderr)
         return 2
     if args.png:
+        if not args.video and len(reader) == 0:
+            print(f"error: no video to draw: no input produced tokens in {args.output}", file=sys.stderr)
+            return 2
         video_id = args.video or reader.video_ids()[0]
         try:
             figure = render_video(reader, video_id, args.png, max_frames=args.max_frames, panel=args.panel)

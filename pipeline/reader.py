@@ -5,6 +5,9 @@ mixing models or methods is refused) and, on first need, the ``video_id`` column
 which maps each video to the (file, row group) pairs holding its rows. ``load(video_id)`` then reads
 only those row groups. The job writes shard rows sorted by key in small row groups, so one video is
 one or two row groups per file it landed in.
+
+An output without shards (a run whose every input failed, or one stopped before its first commit) is
+still an output: it opens with no videos and no run metadata, and ``errors()`` says what failed.
 """
 
 from __future__ import annotations
@@ -115,21 +118,35 @@ class _Shard:
 
 
 class TokenReader:
-    """Random access to the videos of one output directory (local path or pyarrow filesystem URI)."""
+    """Random access to the videos of one output directory (local path or pyarrow filesystem URI).
+
+    ``metadata`` is the run metadata every shard records (model, layer, method, patch grid,
+    preprocessing, sampling); it is ``None`` when the output holds no shard, since only shards record
+    how tokens were made (the run record, ``OUT/manifest.json``, says how the run was configured).
+    Such an output has no videos: ``len(reader) == 0``, ``video_ids() == []``, and ``errors()`` holds
+    the inputs that failed.
+
+    Raises:
+        FileNotFoundError: ``out_dir`` is not the output of an encoding run: it holds no shard, no
+            error file and no run record.
+        ShardFormatError: a shard has another schema version or unexpected columns.
+        MixedShardsError: the shards were made with different models, layers, methods or preprocessing.
+    """
 
     def __init__(self, out_dir: str, cache_row_groups: int = 8) -> None:
         self.out_dir = str(out_dir)
         self.filesystem, self._root = filesystem_and_path(self.out_dir)  # pyarrow filesystem of the output
-        self._shards = self._open_shards(f"{self._root}/shards")
-        self.metadata = self._common_metadata()
+        self._shards = self._open_shards()
+        self.metadata: dict | None = self._common_metadata() if self._shards else None
         self._index: dict[str, list[tuple[int, int]]] | None = None
         self._cache: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()
         self._cache_size = cache_row_groups
         self.row_groups_read = 0  # row groups read from storage so far (cache hits not counted)
 
     @property
-    def hidden_size(self) -> int:
-        return int(self.metadata["hidden_size"])
+    def hidden_size(self) -> int | None:
+        """Width of the stored tokens; ``None`` when the output holds no shard."""
+        return int(self.metadata["hidden_size"]) if self.metadata is not None else None
 
     @property
     def files(self) -> list[str]:
@@ -190,25 +207,43 @@ class TokenReader:
 
     def errors(self) -> pa.Table:
         """The run's error table (``OUT/errors``): inputs or frames that produced no tokens, with reasons."""
-        directory = f"{self._root}/errors"
-        if self.filesystem.get_file_info(directory).type != pafs.FileType.Directory:
+        files = self._parquet_files("errors")
+        if not files:
             return ERROR_SCHEMA.empty_table()
-        return pads.dataset(directory, format="parquet", filesystem=self.filesystem, schema=ERROR_SCHEMA).to_table()
+        return pads.dataset(files, format="parquet", filesystem=self.filesystem, schema=ERROR_SCHEMA).to_table()
 
     # -- internals --------------------------------------------------------------------------------
 
-    def _open_shards(self, directory: str) -> list[_Shard]:
+    def _parquet_files(self, sub: str) -> list[str]:
+        """The complete Parquet files of ``OUT/<sub>``, sorted (temporary dot-files are not listed)."""
+        directory = f"{self._root}/{sub}"
         if self.filesystem.get_file_info(directory).type != pafs.FileType.Directory:
-            raise FileNotFoundError(f"{self.out_dir} has no shards/ directory: is it the --output of an encoding run?")
+            return []
         infos = self.filesystem.get_file_info(pafs.FileSelector(directory))
-        paths = sorted(i.path for i in infos if i.base_name.endswith(".parquet") and not i.base_name.startswith("."))
-        if not paths:
-            raise FileNotFoundError(f"{directory} holds no Parquet shards")
+        return sorted(i.path for i in infos if i.base_name.endswith(".parquet") and not i.base_name.startswith("."))
+
+    def _open_shards(self) -> list[_Shard]:
+        """The footers of every shard; none when the output has only error files or a run record.
+
+        Raises:
+            FileNotFoundError: the directory has no shard, no error file and no run record.
+        """
+        paths = self._parquet_files("shards")
+        if not paths and not self._parquet_files("errors") and not self._has_run_record():
+            found = self.filesystem.get_file_info(self._root).type != pafs.FileType.NotFound
+            what = ("holds no shard (shards/*.parquet), error file (errors/*.parquet) or run record (manifest.json)"
+                    if found else "does not exist")
+            raise FileNotFoundError(f"{self.out_dir} {what}: is it the --output of an encoding run?")
         shards = []
         for path in paths:
             with self.filesystem.open_input_file(path) as handle:
                 shards.append(_Shard(path, pq.read_metadata(handle)))
         return shards
+
+    def _has_run_record(self) -> bool:
+        """Whether a run wrote its record here (``OUT/manifest.json``, ``OUT/runs/``), even if it committed nothing."""
+        infos = self.filesystem.get_file_info([f"{self._root}/manifest.json", f"{self._root}/runs"])
+        return any(info.type != pafs.FileType.NotFound for info in infos)
 
     def _common_metadata(self) -> dict:
         """The run metadata all shards share; raises when versions are unknown or settings differ."""

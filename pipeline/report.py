@@ -5,22 +5,37 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from pipeline.reader import TokenReader
+from pipeline.schema import shard_schema
 
 HISTOGRAM_BINS = 10
+FAILURES_LISTED = 20  # error rows the summary lists one by one; the rest are counted
+# The shard columns the summary reads (their types do not depend on the hidden size).
+KEY_SCHEMA = pa.schema([shard_schema(1).field(name) for name in ("video_id", "frame_index", "num_tokens")])
+
+
+def failure_line(row: dict) -> str:
+    """``source: ErrorType: first line of the message (frames 28, 35)`` for one row of the error table."""
+    frames = f" (frames {', '.join(map(str, row['frame_indices']))})" if row["frame_indices"] else ""
+    lines = row["error_message"].strip().splitlines() or [""]
+    more = f" [{len(lines) - 1} more lines in the error table]" if len(lines) > 1 else ""
+    return f"{row['source_path']}: {row['error_type']}: {lines[0][:500]}{more}{frames}"
 
 
 @dataclass
 class RunReport:
-    """Counts and ratios of one output directory (all frames of all videos in its shards)."""
+    """Counts and ratios of one output directory (all frames of all videos in its shards), and its
+    failures. ``model``, ``method``, ``hidden_size`` and ``patches_per_view`` come from the shards'
+    metadata: ``None`` when the output holds no shard (every input failed)."""
 
-    model: str
-    method: str
-    hidden_size: int
-    patches_per_view: int
+    model: str | None
+    method: str | None
+    hidden_size: int | None
+    patches_per_view: int | None
     videos: int
     frames: int
     rows: int
@@ -32,6 +47,7 @@ class RunReport:
     partly_failed_videos: int  # videos with tokens but some frames in the error table
     error_rows: int
     errors_by_type: dict[str, int]
+    failures: list[dict]  # the error table's rows, sorted by source path and frames
 
     @property
     def kept_fraction(self) -> float:
@@ -56,9 +72,11 @@ class RunReport:
 
     def lines(self) -> list[str]:
         per_frame = self.tokens_per_frame
+        settings = (f"model {self.model}  method {self.method}  hidden size {self.hidden_size}  "
+                    f"{self.patches_per_view} patches per view" if self.model is not None
+                    else "no shards: no input produced tokens (manifest.json records the run's settings)")
         lines = [
-            f"model {self.model}  method {self.method}  hidden size {self.hidden_size}  "
-            f"{self.patches_per_view} patches per view",
+            settings,
             f"videos {self.videos}  frames {self.frames}  rows {self.rows} ({self.views_per_frame:.2f} views per frame)  "
             f"tokens {self.tokens}",
         ]
@@ -78,26 +96,35 @@ class RunReport:
         lines.append(f"failed inputs {self.failed_inputs}  videos missing some frames {self.partly_failed_videos}  "
                      f"error rows {self.error_rows}" +
                      "".join(f"  {kind}: {n}" for kind, n in sorted(self.errors_by_type.items())))
+        if self.failures:
+            lines.append("failures:")
+            lines += [f"  {failure_line(row)}" for row in self.failures[:FAILURES_LISTED]]
+            if len(self.failures) > FAILURES_LISTED:
+                lines.append(f"  ... {len(self.failures) - FAILURES_LISTED} more error rows (TokenReader.errors() "
+                             "has them all)")
         return lines
 
 
 def summarize(reader: TokenReader) -> RunReport:
-    """Scan the key and count columns (never the tokens) of every shard and the error table."""
-    keys = pads.dataset(reader.files, format="parquet", filesystem=reader.filesystem).to_table(
-        columns=["video_id", "frame_index", "num_tokens"]
-    )
+    """Scan the key and count columns (never the tokens) of every shard and the error table.
+    An output without shards gives a report of its failures alone."""
+    keys = pads.dataset(reader.files, format="parquet", filesystem=reader.filesystem, schema=KEY_SCHEMA).to_table()
     frames = keys.group_by(["video_id", "frame_index"]).aggregate([("num_tokens", "sum")])
     errors = reader.errors()
     shard_ids = set(pc.unique(keys["video_id"]).to_pylist())
     errors_by_type: dict[str, int] = {}
     for kind in errors["error_type"].to_pylist():
         errors_by_type[kind] = errors_by_type.get(kind, 0) + 1
-    rows_, cols_ = reader.metadata["patch_grid"]
+    model = method = patches_per_view = None
+    if reader.metadata is not None:
+        model, method = reader.metadata["model"], reader.metadata["method"]
+        rows_, cols_ = reader.metadata["patch_grid"]
+        patches_per_view = rows_ * cols_
     return RunReport(
-        model=reader.metadata["model"],
-        method=reader.metadata["method"],
+        model=model,
+        method=method,
         hidden_size=reader.hidden_size,
-        patches_per_view=rows_ * cols_,
+        patches_per_view=patches_per_view,
         videos=len(shard_ids),
         frames=frames.num_rows,
         rows=keys.num_rows,
@@ -109,4 +136,5 @@ def summarize(reader: TokenReader) -> RunReport:
         partly_failed_videos=len(set(errors["video_id"].to_pylist()) & shard_ids),
         error_rows=errors.num_rows,
         errors_by_type=errors_by_type,
+        failures=sorted(errors.to_pylist(), key=lambda row: (row["source_path"], row["frame_indices"])),
     )

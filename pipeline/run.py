@@ -20,6 +20,7 @@ from operators.encode import load_vision_config
 from pipeline.config import EncodeConfig
 from pipeline.inputs import (VIDEO_ID_RULE, InputItem, Listing, error_files, filesystem_and_path, list_inputs,
                              read_committed, read_error_rows)
+from pipeline.report import failure_line
 from pipeline.runlog import RunLog, new_run_id, plain_text, utc_timestamp, write_run_record
 from pipeline.schema import SCHEMA_VERSION, read_file_metadata
 from pipeline.sink import ShardSink, WriteStats, remove_stale_temporaries
@@ -131,9 +132,12 @@ def package_versions() -> dict[str, str]:
 
 def _ensure_ray(config: EncodeConfig) -> None:
     if not ray.is_initialized():
-        # RAY_ADDRESS (set by `ray job submit`) or --ray-address joins a cluster; otherwise Ray starts locally.
+        # RAY_ADDRESS (set by `ray job submit`) or --ray-address joins a cluster; otherwise Ray starts locally,
+        # under a watchdog that ends its processes if this one dies, even by SIGKILL (pipeline/embedded_ray.py).
         # Workers' output (tracebacks, decoder messages) is streamed to this driver and its run log.
-        ray.init(address=config.ray_address, log_to_driver=True)
+        from pipeline.embedded_ray import init_ray
+
+        init_ray(address=config.ray_address, log_to_driver=True)
 
 
 def _encoder_resources(config: EncodeConfig) -> tuple[int, float]:
@@ -385,11 +389,7 @@ def _log_failures(output: str, before: set[str]) -> None:
         logger.warning("cannot read this run's error rows back from %s: %s", output, brief(error))
         return
     for failure in failures:
-        frames = f" (frames {', '.join(map(str, failure['frame_indices']))})" if failure["frame_indices"] else ""
-        lines = failure["error_message"].strip().splitlines() or [""]
-        more = f" [{len(lines) - 1} more lines in the error table]" if len(lines) > 1 else ""
-        logger.warning("failed: %s: %s: %s%s%s", failure["source_path"], failure["error_type"], lines[0][:500],
-                       more, frames)
+        logger.warning("failed: %s", failure_line(failure))
 
 
 def summarize_run(listing: Listing, rows: list[dict], done: dict, failed: dict, stats: WriteStats,

@@ -1,9 +1,12 @@
 """Reading what the job wrote: round trip, row-group selectivity, refusal of mixed shards, datasets and
-loaders, other Parquet readers, Ray Data, and the inspect_shards command."""
+loaders, other Parquet readers, Ray Data, the inspect_shards command, and an output whose every input
+failed."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -22,7 +25,7 @@ from pipeline.config import EncodeConfig
 from pipeline.dataset import Budget, TokenDataset, TokenIterableDataset, collate_tokens
 from pipeline.reader import MixedShardsError, ShardFormatError, TokenReader
 from pipeline.render import CAPTION, GAP, MIN_WIDTH, PLOT_HEIGHT
-from pipeline.report import summarize
+from pipeline.report import failure_line, summarize
 from pipeline.run import run
 from pipeline.schema import METADATA_KEY, file_metadata, read_file_metadata
 from pipeline.sequence import SequenceLayout, llava_sequence
@@ -67,6 +70,19 @@ def image_output(tmp_path_factory, tiny_clip_dir, ray_local) -> Path:
     output = tmp_path_factory.mktemp("out") / "images"
     run(EncodeConfig(input=str(listing), output=str(output), model=str(tiny_clip_dir), media="image", anyres=True,
                      method="prumerge+"))
+    return output
+
+
+@pytest.fixture(scope="module")
+def failed_output(tmp_path_factory, tiny_clip_dir, ray_local) -> Path:
+    """A run whose every input failed (an empty file and a text file named .mp4): error files and a run
+    record, no shard."""
+    inputs = tmp_path_factory.mktemp("unreadable")
+    (inputs / "empty.mp4").write_bytes(b"")
+    (inputs / "notes.mp4").write_text("not a video\n")
+    output = tmp_path_factory.mktemp("out") / "failed"
+    summary = run(EncodeConfig(input=str(inputs), output=str(output), model=str(tiny_clip_dir), num_frames=2))
+    assert (summary.inputs, summary.failed, summary.rows) == (2, 2, 0)
     return output
 
 
@@ -164,8 +180,11 @@ def test_mixed_models_or_methods_and_unknown_versions_are_refused(video_output, 
     rewrite_metadata(first, method="prumerge", schema_version="99")
     with pytest.raises(ShardFormatError, match="schema version '99'"):
         TokenReader(str(mixed))
-    with pytest.raises(FileNotFoundError, match="no shards/ directory"):
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path / 'nothing'} does not exist")):
         TokenReader(str(tmp_path / "nothing"))
+    (tmp_path / "empty" / "shards").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"empty holds no shard .*, error file .* or run record"):
+        TokenReader(str(tmp_path / "empty"))
     assert file_metadata({})  # the writer's metadata round-trips through the reader's parser
     assert read_file_metadata(pa.schema([], metadata=file_metadata({"model": "m"})))["model"] == "m"
 
@@ -337,6 +356,9 @@ def test_report_counts_match_the_shards(video_output):
     assert report.tokens == sum(raw["num_tokens"].to_pylist())
     assert sorted(report.tokens_per_frame.tolist()) == sorted(raw["num_tokens"].to_pylist())
     assert (report.failed_inputs, report.partly_failed_videos, report.error_rows) == (0, 1, 1)
+    (failure,) = report.failures
+    assert failure_line(failure).startswith(f"{failure['source_path']}: {failure['error_type']}: ")
+    assert failure_line(failure).endswith(" (frames 29, 39, 49)") and failure["source_path"].endswith("corrupted.mp4")
     assert report.patches_per_view == 576 and report.full_fp16_bytes_per_frame == 576 * 32 * 2
     assert sum(n for _, _, n in report.histogram()) == report.frames
     assert 0 < report.kept_fraction < 1
@@ -354,6 +376,7 @@ def test_inspect_shards_prints_a_summary_and_draws_videos(video_output, tmp_path
     assert result.returncode == 0, result.stderr[-2000:]
     assert "videos 5" in result.stdout and "tokens per frame histogram" in result.stdout
     assert "kept" in result.stdout and "bytes per frame" in result.stdout
+    assert "failures:\n  " in result.stdout and "corrupted.mp4: " in result.stdout
     with Image.open(png) as image:
         image.verify()
     with Image.open(png) as image:
@@ -373,3 +396,58 @@ def test_inspect_shards_draws_anyres_tiles(image_output, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     with Image.open(png) as image:  # one frame: global view, gap, 2x2 stitched tiles (square)
         assert image.size == (max(MIN_WIDTH, 200 + GAP + 200), CAPTION + 200 + PLOT_HEIGHT)
+
+
+def inspect_in_process(monkeypatch, *argv: str) -> int:
+    """``jobs/inspect_shards.py``'s ``main`` with ``argv``, run in this process."""
+    spec = importlib.util.spec_from_file_location("inspect_shards", ROOT / "jobs" / "inspect_shards.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", ["inspect_shards.py", *argv])
+    return module.main()
+
+
+def test_an_output_whose_every_input_failed_opens_with_its_errors(failed_output, tmp_path):
+    assert not list(failed_output.glob("shards/*.parquet")) and list(failed_output.glob("errors/*.parquet"))
+    reader = TokenReader(str(failed_output))
+    assert (len(reader), reader.video_ids(), reader.files) == (0, [], [])
+    assert reader.metadata is None and reader.hidden_size is None
+    errors = sorted(reader.errors().to_pylist(), key=lambda row: row["source_path"])
+    assert [Path(row["source_path"]).name for row in errors] == ["empty.mp4", "notes.mp4"]
+    for row in errors:
+        assert row["error_type"] == "VideoDecodeError" and row["frame_indices"] == []
+        assert row["error_message"].startswith("cannot open the file as a video")
+        assert row["video_id"] not in reader
+        with pytest.raises(KeyError, match=r"see \.errors\(\)"):
+            reader.load(row["video_id"])
+
+    assert len(TokenDataset(str(failed_output))) == 0
+    assert list(DataLoader(TokenIterableDataset(str(failed_output)), batch_size=None)) == []
+
+    report = summarize(reader)
+    assert (report.model, report.videos, report.frames, report.tokens) == (None, 0, 0, 0)
+    assert (report.failed_inputs, report.partly_failed_videos, report.error_rows) == (2, 0, 2)
+    assert report.errors_by_type == {"VideoDecodeError": 2}
+
+    # The error files alone are an output, and so is a run record alone (a run that committed nothing).
+    shutil.copytree(failed_output / "errors", tmp_path / "errors-only" / "errors")
+    assert TokenReader(str(tmp_path / "errors-only")).errors().num_rows == 2
+    (tmp_path / "record-only").mkdir()
+    shutil.copy(failed_output / "manifest.json", tmp_path / "record-only")
+    record_only = TokenReader(str(tmp_path / "record-only"))
+    assert (len(record_only), record_only.errors().num_rows) == (0, 0)
+
+
+def test_inspect_shards_lists_the_failures_of_an_output_without_shards(failed_output, tmp_path, monkeypatch, capsys):
+    result = inspect(failed_output)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "no shards: no input produced tokens" in result.stdout and "failed inputs 2" in result.stdout
+    for row in TokenReader(str(failed_output)).errors().to_pylist():
+        line = failure_line(row)
+        assert line.startswith(f"{row['source_path']}: VideoDecodeError: cannot open the file as a video")
+        assert f"  {line}\n" in result.stdout
+
+    png = tmp_path / "kept.png"
+    assert inspect_in_process(monkeypatch, str(failed_output), "--png", str(png)) == 2
+    out, err = capsys.readouterr()
+    assert "failed inputs 2" in out and "no video to draw" in err and not png.exists()
