@@ -47,11 +47,10 @@ logger = logging.getLogger(__name__)
 class InputItem:
     """One input of a run: a file, named once however many times (and ways) it was listed."""
 
-    video_id: str  # `make_video_id` of ``canonical``
+    video_id: str  # `make_video_id` of the file's canonical URI (`canonical_uri`)
     source_path: str  # recorded in the shards: an absolute local path, or a percent-encoded URI without options
     path: str  # what opens it on ``Listing.filesystems[filesystem]``
     filesystem: str = LOCAL
-    canonical: str = ""  # the file's canonical URI (see `canonical_uri`)
     problem: str = ""  # why it cannot be read at all (its error row's reason); empty for a readable name
 
 
@@ -187,7 +186,7 @@ class _Lister:
                            "rename the file to encode it")
         else:
             source_path = canonical
-        self.items[canonical] = InputItem(video_id, source_path, path, key, canonical, problem)
+        self.items[canonical] = InputItem(video_id, source_path, path, key, problem)
 
     def add_spec(self, spec: str) -> None:
         key, path = self.locate(spec)
@@ -364,15 +363,17 @@ def read_path_table(fs: pafs.FileSystem, path: str, spec: str) -> Iterator[tuple
     with fs.open_input_file(path) as handle:
         if path.lower().endswith(".parquet"):
             names = pq.read_schema(handle).names
-            if PATH_COLUMN not in names:
-                raise ValueError(f"--input {spec!r} has no {PATH_COLUMN!r} column (columns: {names})")
-            column = pq.read_table(handle, columns=[PATH_COLUMN]).column(PATH_COLUMN)
+            table = pq.read_table(handle, columns=[PATH_COLUMN]) if PATH_COLUMN in names else None
         else:
-            options = pacsv.ConvertOptions(column_types={PATH_COLUMN: pa.string()}, include_columns=[PATH_COLUMN])
+            options = pacsv.ConvertOptions(column_types={PATH_COLUMN: pa.string()})
             try:
-                column = pacsv.read_csv(handle, convert_options=options).column(PATH_COLUMN)
+                table = pacsv.read_csv(handle, convert_options=options)
             except pa.ArrowInvalid as error:
-                raise ValueError(f"--input {spec!r}: cannot read its {PATH_COLUMN!r} column: {error}") from error
+                raise ValueError(f"--input {spec!r} cannot be read as CSV: {error}") from error
+            names = table.column_names
+    if PATH_COLUMN not in names:
+        raise ValueError(f"--input {spec!r} has no {PATH_COLUMN!r} column (columns: {names})")
+    column = table.column(PATH_COLUMN)
     kind = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind)
             or pa.types.is_large_binary(kind)):

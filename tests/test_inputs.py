@@ -9,7 +9,6 @@ import os
 import re
 
 import pyarrow as pa
-import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
@@ -159,7 +158,7 @@ def test_path_tables_take_text_or_bytes(tmp_path, kind):
 
 def test_csv_paths_are_text_even_when_they_look_like_numbers(tmp_path):
     (tmp_path / "123").write_bytes(b"x")
-    pacsv.write_csv(pa.table({"path": ["123"], "n": [1]}), tmp_path / "list.csv")
+    (tmp_path / "list.csv").write_bytes(b"\xef\xbb\xbfpath,n\n123,1\n")  # a byte-order mark, as Excel writes
     assert [i.source_path for i in list_inputs(str(tmp_path / "list.csv"), "video").items] == [str(tmp_path / "123")]
 
 
@@ -167,6 +166,9 @@ def test_bad_tables(tmp_path):
     pq.write_table(pa.table({"file": ["a.mp4"]}), tmp_path / "wrong.parquet")
     with pytest.raises(ValueError, match="'path' column"):
         list_inputs(str(tmp_path / "wrong.parquet"), "video")
+    (tmp_path / "wrong.csv").write_text("file,n\na.mp4,1\n")
+    with pytest.raises(ValueError, match="'path' column"):
+        list_inputs(str(tmp_path / "wrong.csv"), "video")
     pq.write_table(pa.table({"path": [1, 2]}), tmp_path / "numbers.parquet")
     with pytest.raises(ValueError, match="not text or bytes"):
         list_inputs(str(tmp_path / "numbers.parquet"), "video")
