@@ -457,12 +457,13 @@ def test_a_decoder_killed_mid_video_becomes_an_error_row(tmp_path, tiny_clip_dir
 
 
 def test_a_failure_that_is_not_the_inputs_fails_the_run_and_is_never_an_error_row(tmp_path, tiny_clip_dir, ray_local):
-    """An input on a filesystem that cannot be reached: the run fails loudly (its record says why) and
-    writes no error row, so the next run tries the input again."""
+    """An input on a store that cannot be reached when it is read: the run fails loudly (its record says
+    why) and writes no error row, so the next run tries the input again."""
     listing = tmp_path / "inputs.txt"
-    listing.write_text("hdfs://127.0.0.1:1/videos/clip.mp4\n")
+    listing.write_text("s3://test:test@bucket/videos/clip.mp4?endpoint_override=127.0.0.1:1&scheme=http"
+                       "&region=us-east-1\n")
     output = tmp_path / "out"
-    with pytest.raises(RunFailed):
+    with pytest.raises(RunFailed, match="OSError"):
         run(EncodeConfig(input=str(listing), output=str(output), model=str(tiny_clip_dir), num_frames=2))
     assert not list(output.rglob("errors/*.parquet"))
     (record,) = [json.loads(p.read_text()) for p in (output / "runs").glob("*.json")]
