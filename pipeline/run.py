@@ -400,7 +400,8 @@ def summarize_run(listing: Listing, rows: list[dict], done: dict, failed: dict, 
     with_tokens = set(done) | stats.encoded_videos
     with_errors = set(failed) | stats.failed_videos
     seen_before = {item.video_id for item in inputs} & (set(done) | set(failed))
-    missing = [row for row in rows if row["video_id"] not in touched | seen_before]
+    accounted = touched | seen_before
+    missing = [row for row in rows if row["video_id"] not in accounted]
     for row in missing:
         logger.error("%s ended in neither shards nor errors (no frame was sampled or decoded)", row["source_path"])
     return RunSummary(
