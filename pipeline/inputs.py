@@ -278,12 +278,7 @@ class _Lister:
             if problem:
                 self.notes.append(f"{where}: {problem}")
                 continue
-            try:
-                line_key, line_path = self._resolve(key, path, name)
-            except ValueError as error:
-                self.notes.append(f"{where}: {error}")
-                continue
-            self.add(line_key, line_path, where)
+            self.add_listed(key, path, name, where)
 
     def add_path_table(self, key: str, path: str, spec: str) -> None:
         for number, name in read_path_table(self.filesystems[key], path, spec):
@@ -291,21 +286,22 @@ class _Lister:
             if not name:
                 self.notes.append(f"{where}: no path")
                 continue
-            try:
-                row_key, row_path = self._resolve(key, path, name)
-            except ValueError as error:
-                self.notes.append(f"{where}: {error}")
-                continue
-            self.add(row_key, row_path, where)
+            self.add_listed(key, path, name, where)
 
-    def _resolve(self, key: str, list_path: str, name: str) -> tuple[str, str]:
-        """A listed name: a URI, an absolute path, or a path relative to the list's own folder."""
-        if "://" in name:
-            return self.locate(name, like=key)
-        folder = posixpath.dirname(list_path)
-        if key == LOCAL:
-            return LOCAL, "/" + os.path.normpath(os.path.join(folder, name)).lstrip("/")
-        return key, posixpath.normpath(posixpath.join(folder, name))
+    def add_listed(self, key: str, list_path: str, name: str, where: str) -> None:
+        """A name from a list or a table: a URI, an absolute path, or a path relative to the list's own
+        folder; one that cannot be a location (a URI pyarrow refuses) is a note naming ``where``."""
+        try:
+            if "://" in name:
+                key, path = self.locate(name, like=key)
+            elif key == LOCAL:
+                path = "/" + os.path.normpath(os.path.join(os.path.dirname(list_path), name)).lstrip("/")
+            else:
+                path = posixpath.normpath(posixpath.join(posixpath.dirname(list_path), name))
+        except ValueError as error:
+            self.notes.append(f"{where}: {error}")
+            return
+        self.add(key, path, where)
 
 
 def _match(pattern: list[str], parts: list[str]) -> bool:

@@ -140,12 +140,15 @@ def test_kill_9_of_the_driver_leaves_no_process_of_its_embedded_ray(tmp_path, ra
             if started is not None and start_time(pid) == started:
                 os.kill(pid, signal.SIGKILL)
 
-    # The tests' shared session in this process (another Ray session) was not touched.
-    @ray_local.remote
+    # The tests' shared session in this process (another Ray session) was not touched.    assert_still_runs(ray_local)
+
+
+def assert_still_runs(ray) -> None:
+    @ray.remote
     def ping():
         return "pong"
 
-    assert ray_local.get(ping.remote(), timeout=60) == "pong"
+    assert ray.get(ping.remote(), timeout=60) == "pong"
 
 
 def test_a_joined_cluster_is_not_watched_and_outlives_a_killed_driver(tmp_path, ray_local):
@@ -169,9 +172,4 @@ def test_a_joined_cluster_is_not_watched_and_outlives_a_killed_driver(tmp_path, 
     for pid, started in children.items():  # the sleepers the driver's actors started: Ray may orphan them
         if started is not None and start_time(pid) == started:
             os.kill(pid, signal.SIGKILL)
-
-    @ray_local.remote
-    def ping():
-        return "pong"
-
-    assert ray_local.get(ping.remote(), timeout=60) == "pong"
+    assert_still_runs(ray_local)
