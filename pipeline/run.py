@@ -261,6 +261,8 @@ def run(config: EncodeConfig) -> RunSummary:
         raise RunSetupError(str(error)) from error
     if not listing.items:
         skipped = "".join(f"\n  skipped: {note}" for note in listing.notes[:20])
+        if len(listing.notes) > 20:
+            skipped += f"\n  ... and {len(listing.notes) - 20} more"
         raise RunSetupError(f"--input {config.input!r} holds no {config.media} files{skipped}")
 
     run_id = new_run_id(started)
