@@ -11,6 +11,7 @@ import os
 import posixpath
 import re
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -81,7 +82,7 @@ def make_video_id(canonical: str) -> str:
     ``canonical`` is a file's canonical URI (`canonical_uri`), so the id does not depend on how the
     file was named: ``x``, ``./x``, ``//x``, its folder or a list file all give the same id."""
     name = unquote(PurePosixPath(urlsplit(canonical).path).stem)
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:48].strip("_") or "input"
+    stem = re.sub(r"[^\w.-]+", "_", name)[:48].strip("_") or "input"
     return f"{stem}-{hashlib.sha256(canonical.encode()).hexdigest()[:32]}"
 
 
@@ -92,6 +93,25 @@ def canonical_uri(scheme: str, path: str, host: str = "") -> str:
     if scheme == "file":
         return "file://" + quote(os.fsencode(os.path.realpath(path)), safe="/")
     return f"{scheme}://{host}{quote(path, safe='/')}"
+
+
+def local_path(base: str, name: str) -> str:
+    """``name`` (absolute, or relative to ``base``) as an absolute path that opens the same file.
+
+    ``.`` and repeated ``/`` are dropped as text; ``..`` is not: after a symbolic link it is the
+    parent of the link's target, so a path holding ``..`` has its folder resolved (`os.path.realpath`).
+    """
+    path = os.path.join(base, name)
+    parts = [part for part in path.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        folder, last = os.path.split(path.rstrip("/"))
+        return os.path.realpath(path) if last == ".." else os.path.join(os.path.realpath(folder), last)
+    return "/" + "/".join(parts)
+
+
+def redact_credentials(text: str) -> str:
+    """``text`` with the user and password of every URI in it (``s3://KEY:SECRET@bucket``) replaced by ``***``."""
+    return re.sub(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@", r"\1***@", text)
 
 
 def list_inputs(spec: str, media: str) -> Listing:
@@ -133,26 +153,28 @@ class _Lister:
     def listing(self) -> Listing:
         return Listing(list(self.items.values()), self.filesystems, self.duplicates, self.notes)
 
-    def locate(self, name: str, like: str = LOCAL) -> tuple[str, str]:
-        """(filesystem key, path) of a local path or a URI; a URI's options pick (and name) its filesystem.
+    def locate(self, name: str, like: str | None = None) -> tuple[str, str]:
+        """(filesystem key, path) of ``--input`` (``like`` None: ``~`` is expanded) or of a URI listed in
+        a list file on ``like``; a URI's options pick (and name) its filesystem.
 
-        A URI without options or credentials on the same filesystem kind as ``like`` (the filesystem of
-        the list file naming it) is opened with ``like``'s filesystem: a list on a MinIO server names
-        objects on that server.
+        A URI without options or credentials on the same filesystem kind as ``like`` is opened with
+        ``like``'s filesystem: a list on a MinIO server names objects on that server.
 
         Raises:
             ValueError: the URI has a fragment (``#``: write ``%23`` in a name) or pyarrow cannot open it.
         """
         if "://" not in name:
-            path = os.path.abspath(name)
-            return LOCAL, "/" + path.lstrip("/")  # POSIX keeps a leading "//"; Linux reads it as "/"
+            return LOCAL, local_path(os.getcwd(), os.path.expanduser(name) if like is None else name)
         parts = urlsplit(name)
         if parts.fragment:
             raise ValueError(f"{name!r}: a URI cannot hold '#' (it starts a fragment); write it as %23")
         path = unquote(parts.path)
         if parts.scheme == "file":
-            return LOCAL, path
-        if like != LOCAL and parts.scheme == self._schemes[like] and not parts.query and "@" not in parts.netloc:
+            if parts.query:
+                raise ValueError(f"{name!r}: a file URI takes no options (?{parts.query})")
+            return LOCAL, local_path("/", path)
+        if like not in (None, LOCAL) and parts.scheme == self._schemes[like] and not parts.query \
+                and "@" not in parts.netloc:
             if not self._hosts[like]:  # s3://bucket/key: the bucket is part of the path
                 return like, f"{parts.netloc}{path}".rstrip("/")
             if parts.netloc == self._hosts[like]:
@@ -182,24 +204,34 @@ class _Lister:
         if key == LOCAL:
             source_path = os.fsencode(path).decode("utf-8", "backslashreplace")
             if source_path != path:
-                problem = ("the path is not valid UTF-8 (its undecodable bytes are shown as \\xNN); "
-                           "rename the file to encode it")
+                problem = ("the path is not valid UTF-8 (its undecodable bytes are shown as \\xNN): rename the "
+                           "file to encode it (or, if a list file named it, save the list as UTF-8)")
+                path = ""  # never opened; a surrogate would not survive Arrow
         else:
             source_path = canonical
         self.items[canonical] = InputItem(video_id, source_path, path, key, problem)
 
     def add_spec(self, spec: str) -> None:
         key, path = self.locate(spec)
-        fs = self.filesystems[key]
-        info = fs.get_file_info(path)
-        if info.type == pafs.FileType.Directory:
+        kind = self.file_type(key, path)
+        if kind == pafs.FileType.Directory:
             self.add_tree(key, path)
-        elif info.type == pafs.FileType.File:
+        elif kind == pafs.FileType.File:
             self.add_named_file(key, path, spec)
         elif any(ch in path for ch in GLOB_CHARACTERS):
             self.add_glob(key, path)
         else:
             raise FileNotFoundError(f"--input {spec!r} does not exist (and is not a glob: no * ? or [ in it)")
+
+    def file_type(self, key: str, path: str) -> pafs.FileType:
+        """File, Directory or NotFound (local: `os.stat`, which takes any name, UTF-8 or not)."""
+        if key != LOCAL:
+            return self.filesystems[key].get_file_info(path).type
+        try:
+            mode = os.stat(path).st_mode
+        except (OSError, ValueError):  # ValueError: a NUL byte in the name
+            return pafs.FileType.NotFound
+        return pafs.FileType.Directory if stat.S_ISDIR(mode) else pafs.FileType.File
 
     def add_named_file(self, key: str, path: str, spec: str) -> None:
         suffix = PurePosixPath(path).suffix.lower()
@@ -213,7 +245,8 @@ class _Lister:
     def add_tree(self, key: str, root: str, pattern: list[str] | None = None) -> None:
         """Every file under ``root`` with a media extension (and matching ``pattern``'s components, if given)."""
         depth = None if pattern is None or "**" in pattern else len(pattern)
-        for path in self.walk(key, root, depth):
+        hidden = pattern is not None and any(part.startswith(".") for part in pattern)
+        for path in self.walk(key, root, depth, hidden):
             relative = path[len(root):].lstrip("/").split("/")
             if PurePosixPath(path).suffix.lower() not in self.extensions:
                 continue
@@ -223,20 +256,21 @@ class _Lister:
     def add_glob(self, key: str, path: str) -> None:
         parts = path.split("/")
         fixed = 1  # leading components that exist are taken literally, even with [ ] in their names
-        while fixed < len(parts) and self.filesystems[key].get_file_info(
-                "/".join(parts[: fixed + 1]) or "/").type == pafs.FileType.Directory:
+        while fixed < len(parts) and self.file_type(key, "/".join(parts[: fixed + 1]) or "/") == pafs.FileType.Directory:
             fixed += 1
         root = "/".join(parts[:fixed]) or "/"
         self.add_tree(key, root, parts[fixed:])
 
-    def walk(self, key: str, root: str, depth: int | None) -> Iterator[str]:
-        """Files under ``root`` (at most ``depth`` levels down), skipping dot-names, sorted per directory."""
+    def walk(self, key: str, root: str, depth: int | None, hidden: bool = False) -> Iterator[str]:
+        """Files under ``root`` (at most ``depth`` levels down), sorted per directory, skipping dot-names
+        unless ``hidden``. An entry that cannot be examined, or is neither a file nor a folder (a FIFO,
+        a socket, a device, a link in a loop), is a note."""
         if key != LOCAL:
             selector = pafs.FileSelector(root, recursive=depth != 1)
             for info in sorted(self.filesystems[key].get_file_info(selector), key=lambda i: i.path):
                 parts = info.path[len(root):].lstrip("/").split("/")
                 if (info.type == pafs.FileType.File and (depth is None or len(parts) <= depth)
-                        and not any(part.startswith(".") for part in parts)):
+                        and (hidden or not any(part.startswith(".") for part in parts))):
                     yield info.path
             return
         seen: set[tuple[int, int]] = set()
@@ -246,7 +280,7 @@ class _Lister:
             try:
                 status = os.stat(directory)
                 if (status.st_dev, status.st_ino) in seen:
-                    self.notes.append(f"{directory}: a link to a directory already listed; not listed again")
+                    self.notes.append(f"{directory}: the same folder as one already listed (a link); not listed again")
                     continue
                 seen.add((status.st_dev, status.st_ino))
                 with os.scandir(directory) as scan:
@@ -256,13 +290,18 @@ class _Lister:
                 continue
             subdirectories = []
             for entry in entries:
-                if entry.name.startswith("."):
+                if entry.name.startswith(".") and not hidden:
                     continue
-                if entry.is_dir():
-                    if depth is None or level < depth:
-                        subdirectories.append((entry.path, level + 1))
-                elif entry.is_file() or entry.is_symlink():  # a dangling link is listed: its error row says so
-                    yield entry.path
+                try:
+                    if entry.is_dir():
+                        if depth is None or level < depth:
+                            subdirectories.append((entry.path, level + 1))
+                    elif entry.is_file() or not os.path.lexists(os.path.realpath(entry.path)):
+                        yield entry.path  # a dangling link too: its error row says the file is missing
+                    else:
+                        self.notes.append(f"{entry.path}: not a regular file")
+                except OSError as error:
+                    self.notes.append(f"{entry.path}: cannot be examined ({error.strerror or error})")
             stack.extend(reversed(subdirectories))
 
     def add_list_file(self, key: str, path: str) -> None:
@@ -283,7 +322,7 @@ class _Lister:
     def add_path_table(self, key: str, path: str, spec: str) -> None:
         for number, name in read_path_table(self.filesystems[key], path, spec):
             where = f"{path} row {number}"
-            if not name:
+            if not name.strip():
                 self.notes.append(f"{where}: no path")
                 continue
             self.add_listed(key, path, name, where)
@@ -295,22 +334,31 @@ class _Lister:
             if "://" in name:
                 key, path = self.locate(name, like=key)
             elif key == LOCAL:
-                path = "/" + os.path.normpath(os.path.join(os.path.dirname(list_path), name)).lstrip("/")
+                path = local_path(os.path.dirname(list_path), name)
+            elif name.startswith("/"):
+                raise ValueError(f"{name!r}: a list on {self._schemes[key]}:// names objects by URI or by a path "
+                                 "relative to the list's folder, not by an absolute path")
             else:
                 path = posixpath.normpath(posixpath.join(posixpath.dirname(list_path), name))
         except ValueError as error:
             self.notes.append(f"{where}: {error}")
             return
+        except OSError as error:  # the filesystem a URI names cannot be reached: the run's problem, not the line's
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise OSError(f"{where}: cannot reach the filesystem of {redact_credentials(name)!r}: {first}") from error
         self.add(key, path, where)
 
 
 def _match(pattern: list[str], parts: list[str]) -> bool:
-    """Glob match by path component: ``**`` spans any number of folders, other components are `fnmatchcase`."""
+    """Glob match by path component: ``**`` spans any number of folders, other components are `fnmatchcase`.
+    As in a shell, a name that starts with a dot is matched only by a component that starts with one."""
     if not pattern:
         return not parts
     if pattern[0] == "**":
-        return any(_match(pattern[1:], parts[i:]) for i in range(len(parts) + 1))
-    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _match(pattern[1:], parts[1:])
+        spans = next((i for i, part in enumerate(parts) if part.startswith(".")), len(parts))
+        return any(_match(pattern[1:], parts[i:]) for i in range(spans + 1))
+    return (bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0])
+            and (pattern[0].startswith(".") or not parts[0].startswith(".")) and _match(pattern[1:], parts[1:]))
 
 
 class ListLine(NamedTuple):
@@ -331,10 +379,15 @@ def read_list_file(fs: pafs.FileSystem, path: str) -> Iterator[ListLine]:
     """
     with fs.open_input_stream(path) as stream:
         data = stream.read()
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise ValueError(f"{path} is UTF-16 (as Windows PowerShell writes by default): save it as UTF-8")
     data = data.removeprefix(codecs.BOM_UTF8)
     for number, raw in enumerate(data.split(b"\n"), start=1):
         raw = raw.removesuffix(b"\r")
         if not raw.strip():
+            continue
+        if b"\0" in raw:
+            yield ListLine(number, "", f"holds a NUL byte (a binary or UTF-16 file?): {raw[:80]!r}")
             continue
         try:
             yield ListLine(number, raw.decode("utf-8"), comment=raw.startswith(b"#"))
@@ -350,8 +403,8 @@ def read_list_file(fs: pafs.FileSystem, path: str) -> Iterator[ListLine]:
 def read_path_table(fs: pafs.FileSystem, path: str, spec: str) -> Iterator[tuple[int, str]]:
     """``(row number, name)`` for each row of a Parquet or CSV table's ``path`` column (from 1).
 
-    The column may be string, large string, dictionary-encoded or binary (binary values that are not
-    UTF-8 are local names, `os.fsdecode`); a null is an empty name.
+    The column may be string, large string, string view, dictionary-encoded or binary (binary values
+    that are not UTF-8 are local names, `os.fsdecode`); a null is an empty name.
 
     Raises:
         ValueError: the table has no ``path`` column, or it holds neither text nor bytes.
@@ -371,12 +424,14 @@ def read_path_table(fs: pafs.FileSystem, path: str, spec: str) -> Iterator[tuple
         raise ValueError(f"--input {spec!r} has no {PATH_COLUMN!r} column (columns: {names})")
     column = table.column(PATH_COLUMN)
     kind = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind)
-            or pa.types.is_large_binary(kind)):
+    if not any(check(kind) for check in (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view,
+                                         pa.types.is_binary, pa.types.is_large_binary, pa.types.is_binary_view)):
         raise ValueError(f"--input {spec!r}: its {PATH_COLUMN!r} column is {column.type}, not text or bytes")
     for number, value in enumerate(column.to_pylist(), start=1):
         if isinstance(value, bytes):
             value = value.decode("utf-8", "surrogateescape")
+        if value and "\0" in value:
+            value = ""  # no file name holds a NUL byte
         yield number, value or ""
 
 
@@ -386,11 +441,17 @@ def local_file(fs: pafs.FileSystem, path: str) -> Iterator[str]:
 
     Raises:
         FileNotFoundError: the remote file does not exist.
+        IsADirectoryError: it is a folder (or a bucket).
         OSError: the remote file could not be read, ``FETCH_ATTEMPTS`` times (transient: not the input's fault).
     """
     if is_local(fs):
         yield path
         return
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.NotFound:
+        raise FileNotFoundError(path)
+    if kind == pafs.FileType.Directory:
+        raise IsADirectoryError(f"{path} is a folder, not a file")
     with tempfile.NamedTemporaryFile(suffix=PurePosixPath(path).suffix) as copy:
         fetch(fs, path, copy)
         yield copy.name

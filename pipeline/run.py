@@ -19,7 +19,7 @@ from transformers import CLIPVisionConfig
 from operators.encode import load_vision_config
 from pipeline.config import EncodeConfig
 from pipeline.inputs import (VIDEO_ID_RULE, InputItem, Listing, error_files, filesystem_and_path, list_inputs,
-                             read_committed, read_error_rows)
+                             read_committed, read_error_rows, redact_credentials)
 from pipeline.report import failure_line
 from pipeline.runlog import RunLog, new_run_id, plain_text, utc_timestamp, write_run_record
 from pipeline.schema import SCHEMA_VERSION, read_file_metadata
@@ -101,23 +101,45 @@ def run_metadata(config: EncodeConfig, vision: CLIPVisionConfig) -> dict:
 
 
 def check_output_compatible(output: str, metadata: dict) -> None:
-    """Refuse to add tokens made another way to an existing output (mixed shards mislead readers)."""
+    """Refuse to add tokens made another way to an existing output (mixed shards mislead readers).
+
+    The first committed file (a shard, else an error file: an output whose every input failed) says
+    how the output was made; an error file without metadata was written before error files carried it.
+
+    Raises:
+        ValueError: the output's files were made with other settings, or under another ``video_id`` rule.
+    """
     fs, root = filesystem_and_path(output)
-    directory = f"{root}/shards"
-    if fs.get_file_info(directory).type != pafs.FileType.Directory:
+    for directory in (f"{root}/shards", f"{root}/errors"):
+        if fs.get_file_info(directory).type != pafs.FileType.Directory:
+            continue
+        for info in fs.get_file_info(pafs.FileSelector(directory)):
+            if info.base_name.endswith(".parquet") and not info.base_name.startswith("."):
+                with fs.open_input_file(info.path) as handle:
+                    existing = read_file_metadata(pq.read_schema(handle))
+                _refuse_other_settings(output, existing, {"schema_version": SCHEMA_VERSION, **metadata})
+                return
+
+
+def _refuse_other_settings(output: str, existing: dict, expected: dict) -> None:
+    if not existing:
+        raise ValueError(f"{output} holds files of an older version, which record no settings and made video ids "
+                         "another way: the same inputs would be encoded again under new ids. Use a new --output.")
+    differing = sorted(key for key in existing.keys() | expected.keys()
+                       if key != "model_revision" and existing.get(key) != expected.get(key))
+    if not differing:
         return
-    for info in fs.get_file_info(pafs.FileSelector(directory)):
-        if info.base_name.endswith(".parquet") and not info.base_name.startswith("."):
-            with fs.open_input_file(info.path) as handle:
-                existing = read_file_metadata(pq.read_schema(handle))
-            expected = {"schema_version": SCHEMA_VERSION, **metadata}
-            existing.pop("model_revision", None), expected.pop("model_revision", None)
-            if existing != expected:
-                raise ValueError(
-                    f"{output} already holds shards made with different settings:\n  existing {existing}\n"
-                    f"  this run {expected}\nUse a new --output, or the same settings to resume."
-                )
-            return
+    lines = "".join(f"\n  {key}: existing {existing.get(key)!r}, this run {expected.get(key)!r}" for key in differing)
+    why = ("\nIt was written by an older version, whose video ids are made another way: the same inputs would "
+           "be encoded again under new ids." if "video_id_rule" in differing else "")
+    raise ValueError(f"{output} already holds files made with different settings:{lines}{why}\n"
+                     "Use a new --output, or the same settings to resume.")
+
+
+def recorded_config(config: EncodeConfig) -> dict:
+    """The config as the run record keeps it: credentials in URIs (``s3://KEY:SECRET@...``) replaced by ``***``."""
+    return {name: redact_credentials(value) if isinstance(value, str) else value
+            for name, value in config.to_dict().items()}
 
 
 def package_versions() -> dict[str, str]:
@@ -255,7 +277,7 @@ def run(config: EncodeConfig) -> RunSummary:
     try:
         config.check_model_fit(vision.image_size, vision.patch_size)
         check_output_compatible(config.output, metadata_)
-        logger.info("listing inputs of %s", config.input)
+        logger.info("listing inputs of %s", redact_credentials(config.input))
         listing = list_inputs(config.input, config.media)
     except (OSError, ValueError) as error:
         raise RunSetupError(str(error)) from error
@@ -263,17 +285,17 @@ def run(config: EncodeConfig) -> RunSummary:
         skipped = "".join(f"\n  skipped: {note}" for note in listing.notes[:20])
         if len(listing.notes) > 20:
             skipped += f"\n  ... and {len(listing.notes) - 20} more"
-        raise RunSetupError(f"--input {config.input!r} holds no {config.media} files{skipped}")
+        raise RunSetupError(f"--input {redact_credentials(config.input)!r} holds no {config.media} files{skipped}")
 
     run_id = new_run_id(started)
     record = {
         "run_id": run_id,
         "status": "running",
         "schema_version": SCHEMA_VERSION,
-        "config": config.to_dict(),
+        "config": recorded_config(config),
         "run_metadata": metadata_,
         "versions": package_versions(),
-        "command": sys.argv,
+        "command": [redact_credentials(arg) for arg in sys.argv],
         "started_at": utc_timestamp(started),
     }
     run_log = RunLog(config.output, run_id, config.log_level)
@@ -285,7 +307,8 @@ def run(config: EncodeConfig) -> RunSummary:
         run_log.close()
         raise RunSetupError(f"cannot write to the output {config.output}: {error}") from error
     with run_log:
-        logger.info("run %s: %s job, output %s, log %s", run_id, config.media, config.output, run_log.path)
+        logger.info("run %s: %s job, output %s, log %s", run_id, config.media, redact_credentials(config.output),
+                    run_log.path)
         sampling = f", sampling {metadata_['sampling']}" if config.media == "video" else ""
         logger.info("model %s, layer %d, method %s %s%s", config.model, config.layer, config.method,
                     metadata_["method_params"], sampling)
@@ -301,7 +324,7 @@ def run(config: EncodeConfig) -> RunSummary:
             for line in summary.lines():
                 logger.info("%s", line)
             path = write_run_record(config.output, run_id, {
-                **record, "config": config.to_dict(), "status": "completed", "summary": asdict(summary),
+                **record, "config": recorded_config(config), "status": "completed", "summary": asdict(summary),
                 "finished_at": utc_timestamp(time.time())})
             logger.info("run record %s", path)
         except BaseException as error:

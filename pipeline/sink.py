@@ -57,7 +57,7 @@ class WriteStats:
 
 
 class ShardSink(Datasink[WriteStats]):
-    """Writes ``OUT/shards/*.parquet`` (zstd, with run metadata) and ``OUT/errors/*.parquet``."""
+    """Writes ``OUT/shards/*.parquet`` (zstd) and ``OUT/errors/*.parquet``, both with the run metadata."""
 
     def __init__(self, output: str, run_metadata: dict, rows_per_shard: int) -> None:
         self.output = output
@@ -91,6 +91,7 @@ class ShardSink(Datasink[WriteStats]):
             stats.frames = set(zip(shard["video_id"].to_pylist(), shard["frame_index"].to_pylist()))
             stats.encoded_videos = set(shard["video_id"].to_pylist())
         if errors.num_rows:
+            errors = errors.replace_schema_metadata(file_metadata(self.run_metadata))
             stats.bytes += _commit(fs, f"{root}/errors", errors, ["video_id", "frame_indices"])
             stats.files += 1
             stats.error_rows = errors.num_rows

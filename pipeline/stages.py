@@ -82,6 +82,9 @@ class DecodeInputs:
             except FileNotFoundError as error:  # listed, then gone: the input's fault, not the run's
                 yield self._failed(row, error_row("FileNotFoundError", f"no such file: {error}"))
                 return
+            except IsADirectoryError as error:
+                yield self._failed(row, error_row("IsADirectoryError", str(error)))
+                return
             request = frame_request(self.config, self.image_size, path, skip)
             todo: list[int] | None = None  # frames the child will decode, once it has probed the input
             delivered: set[int] = set()

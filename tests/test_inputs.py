@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import pipeline.inputs as inputs
-from pipeline.inputs import list_inputs, local_file
+from pipeline.inputs import list_inputs, local_file, redact_credentials
 
 LATIN1_NAME = os.fsdecode(b"caf\xe9.jpg")  # a file name that is not valid UTF-8 (Latin-1 "café.jpg")
 
@@ -96,8 +96,8 @@ def test_symbolic_link_cycles_list_each_real_file_once(tmp_path):
     listing = list_inputs(str(root), "image")
     assert [i.source_path for i in listing.items] == [str(root / "dangling.jpg"), str(root / "one.jpg"),
                                                       str(root / "sub" / "two.jpg")]
-    assert sorted(listing.notes) == [f"{root / 'sub' / name}: a link to a directory already listed; not listed again"
-                                     for name in ("loop", "self")]
+    assert sorted(listing.notes) == [f"{root / 'sub' / name}: the same folder as one already listed (a link); "
+                                     "not listed again" for name in ("loop", "self")]
 
 
 def test_a_name_that_is_not_utf8_is_an_input_with_its_problem_and_a_stable_id(tmp_path):
@@ -138,20 +138,20 @@ def test_list_file_format(tmp_path):
     assert "%23" in listing.notes[1] and "not valid UTF-8" in listing.notes[2]
 
 
-@pytest.mark.parametrize("kind", ["string", "large_string", "dictionary", "binary", "large_binary"])
+@pytest.mark.parametrize("kind", ["string", "large_string", "string_view", "dictionary", "binary", "large_binary"])
 def test_path_tables_take_text_or_bytes(tmp_path, kind):
     (tmp_path / "x.mp4").write_bytes(b"x")
     (tmp_path / LATIN1_NAME).write_bytes(b"x")
-    names = [str(tmp_path / "x.mp4"), None, os.fsencode(tmp_path / LATIN1_NAME)]
+    names = [str(tmp_path / "x.mp4"), None, os.fsencode(tmp_path / LATIN1_NAME), "  "]
     if kind in ("binary", "large_binary"):
         column = pa.array([n if n is None or isinstance(n, bytes) else n.encode() for n in names], getattr(pa, kind)())
     else:
-        text = [n.decode("latin-1") if isinstance(n, bytes) else n for n in names[:2]]
+        text = [names[0], None, "  "]
         column = pa.array(text, pa.string()).dictionary_encode() if kind == "dictionary" else pa.array(text, getattr(pa, kind)())
     pq.write_table(pa.table({"label": pa.array([1] * len(column)), "path": column}), tmp_path / "list.parquet")
     listing = list_inputs(str(tmp_path / "list.parquet"), "video")
     assert listing.items[0].source_path == str(tmp_path / "x.mp4") and not listing.items[0].problem
-    assert listing.notes == [f"{tmp_path / 'list.parquet'} row 2: no path"]
+    assert listing.notes == [f"{tmp_path / 'list.parquet'} row {n}: no path" for n in (2, len(column))]
     if kind in ("binary", "large_binary"):
         assert "not valid UTF-8" in listing.items[1].problem
 
@@ -197,7 +197,8 @@ def s3_bucket(s3_client):
     for key in S3_KEYS:
         client.put_object(Bucket="bkt", Key=key, Body=key.encode())
     # Relative paths (to the list's folder) are taken as written; URIs are percent-encoded.
-    lines = ["a b.jpg", "s3://bkt/media/caf%C3%A9.jpg", "d/e f.jpg", "x#1.jpg", "s3://bkt/media/q%3F.jpg"]
+    lines = ["a b.jpg", "s3://bkt/media/caf%C3%A9.jpg", "d/e f.jpg", "x#1.jpg", "s3://bkt/media/q%3F.jpg",
+             "/media/a b.jpg", "s3://bkt/media/d"]
     client.put_object(Bucket="bkt", Key="media/list.txt", Body="\n".join(lines).encode())
     return options, credentials
 
@@ -222,5 +223,77 @@ def test_s3_keys_with_awkward_characters_round_trip(s3_bucket):
 
     listed = list_inputs(f"s3://{credentials}bkt/media/list.txt?{options}", "image")
     assert [i.path for i in listed.items] == ["bkt/media/a b.jpg", "bkt/media/café.jpg", "bkt/media/d/e f.jpg",
-                                              "bkt/media/x#1.jpg", "bkt/media/q?.jpg"]
-    assert all(by_path[i.path] == i.video_id for i in listed.items), "same ids from a list file"
+                                              "bkt/media/x#1.jpg", "bkt/media/q?.jpg", "bkt/media/d"]
+    assert all(by_path[i.path] == i.video_id for i in listed.items[:-1]), "same ids from a list file"
+    assert [note.split(": ", 1)[0] for note in listed.notes] == ["bkt/media/list.txt:6"], "an absolute path on S3"
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        with local_file(listed.filesystems[listed.items[-1].filesystem], listed.items[-1].path):
+            pass
+
+
+def test_dot_dot_after_a_link_is_the_folder_the_kernel_opens(tmp_path, monkeypatch):
+    (tmp_path / "work").mkdir()
+    (tmp_path / "elsewhere" / "deep").mkdir(parents=True)
+    (tmp_path / "work" / "x.mp4").write_bytes(b"near")
+    (tmp_path / "elsewhere" / "x.mp4").write_bytes(b"far")
+    (tmp_path / "work" / "link").symlink_to(tmp_path / "elsewhere" / "deep")
+    monkeypatch.chdir(tmp_path / "work")
+    assert open("link/../x.mp4", "rb").read() == b"far"
+    (item,) = list_inputs("link/../x.mp4", "video").items
+    assert item.source_path == str(tmp_path / "elsewhere" / "x.mp4")
+    (tmp_path / "work" / "list.txt").write_text("link/../x.mp4\n./x.mp4\n")
+    assert [i.source_path for i in list_inputs("list.txt", "video").items] == [
+        str(tmp_path / "elsewhere" / "x.mp4"), str(tmp_path / "work" / "x.mp4")]
+
+
+def test_an_entry_that_cannot_be_listed_is_a_note_and_the_rest_is_listed(tmp_path):
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "ok.mp4").write_bytes(b"x")
+    (root / "a.mp4").symlink_to(root / "b.mp4")  # a loop of file links
+    (root / "b.mp4").symlink_to(root / "a.mp4")
+    os.mkfifo(root / "pipe.mp4")
+    listing = list_inputs(str(root), "video")
+    assert [i.source_path for i in listing.items] == [str(root / "ok.mp4")]
+    loop = "cannot be examined (Too many levels of symbolic links)"
+    assert sorted(listing.notes) == [f"{root / 'a.mp4'}: {loop}", f"{root / 'b.mp4'}: {loop}",
+                                     f"{root / 'pipe.mp4'}: not a regular file"]
+
+
+def test_a_name_that_is_not_utf8_given_as_the_input(tmp_path):
+    folder = tmp_path / os.fsdecode(b"d\xe9")
+    folder.mkdir()
+    (folder / "x.jpg").write_bytes(b"x")
+    (item,) = list_inputs(str(folder), "image").items
+    assert item.problem and item.source_path == str(tmp_path) + "/d\\xe9/x.jpg" and item.path == ""
+    assert [i.video_id for i in list_inputs(str(folder / "x.jpg"), "image").items] == [item.video_id]
+
+
+def test_hidden_names_are_matched_only_when_the_pattern_names_them(tree):
+    assert [i.source_path for i in list_inputs(str(tree / "**" / "*.mp4"), "video").items] == [
+        str(tree / "a/clip.mp4"), str(tree / "b/clip.mp4")]
+    assert [i.source_path for i in list_inputs(str(tree / "**" / ".cache" / "*.mp4"), "video").items] == [
+        str(tree / ".cache/y.mp4")]
+    assert [i.source_path for i in list_inputs(str(tree / "a" / ".*.mp4"), "video").items] == [
+        str(tree / "a/.hidden.mp4")]
+
+
+def test_list_files_that_are_not_utf8_text(tmp_path):
+    (tmp_path / "x.mp4").write_bytes(b"x")
+    utf16 = tmp_path / "utf16.txt"
+    utf16.write_text("x.mp4\n", encoding="utf-16")
+    with pytest.raises(ValueError, match="UTF-16.*save it as UTF-8"):
+        list_inputs(str(utf16), "video")
+    nul = tmp_path / "nul.txt"
+    nul.write_bytes(b"x.mp4\nx\0y.mp4\n")
+    listing = list_inputs(str(nul), "video")
+    assert [i.source_path for i in listing.items] == [str(tmp_path / "x.mp4")]
+    assert listing.notes == [f"{nul}:2: holds a NUL byte (a binary or UTF-16 file?): b'x\\x00y.mp4'"]
+    with pytest.raises(ValueError, match="takes no options"):
+        list_inputs(f"file://{tmp_path}/x.mp4?x=1", "video")
+
+
+def test_credentials_are_redacted():
+    assert redact_credentials("--input s3://KEY:SECRET@bkt/v?endpoint_override=h:9 --output gs://tok@b/o") == \
+        "--input s3://***@bkt/v?endpoint_override=h:9 --output gs://***@b/o"
+    assert redact_credentials("/data/a@b.mp4") == "/data/a@b.mp4"

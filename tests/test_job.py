@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
@@ -223,9 +224,20 @@ def test_mixing_settings_into_one_output_is_refused(tmp_path, tiny_clip_dir, ray
     inputs = make_video_inputs(tmp_path / "in", ["h265_video.mp4"])
     output = tmp_path / "out"
     run(EncodeConfig(input=str(inputs), output=str(output), model=str(tiny_clip_dir), num_frames=2))
-    with pytest.raises(RunSetupError, match="different settings"):
+    with pytest.raises(RunSetupError, match="different settings:\n  method: existing 'prumerge', this run 'prumerge[+]'\n"):
         run(EncodeConfig(input=str(inputs), output=str(output), model=str(tiny_clip_dir), num_frames=2,
                          method="prumerge+"))
+
+
+def test_an_output_of_an_older_version_with_only_errors_is_refused(tmp_path, tiny_clip_dir):
+    """Error files record how they were made too; one without that record (an older version's, whose
+    ids were made another way) is refused before any work, as shards are."""
+    (tmp_path / "out" / "errors").mkdir(parents=True)
+    row = {"video_id": "bad-14ac03ef1d75", "source_path": str(tmp_path / "bad.mp4"), "error_type": "VideoDecodeError",
+           "error_message": "cannot open the file as a video", "frame_indices": []}
+    pq.write_table(pa.Table.from_pylist([row], schema=ERROR_SCHEMA), tmp_path / "out" / "errors" / "part-0.parquet")
+    with pytest.raises(RunSetupError, match="files of an older version, which record no settings"):
+        run(EncodeConfig(input=str(VIDEOS), output=str(tmp_path / "out"), model=str(tiny_clip_dir)))
 
 
 def test_damaged_video_keeps_the_frames_that_decode(tmp_path, tiny_clip_dir, ray_local):
@@ -516,6 +528,8 @@ def test_each_file_is_encoded_once_under_one_id_however_it_is_listed(tmp_path, t
     remote = run(EncodeConfig(input=f"s3://{credentials}jobs/media?{options}", output=str(s3_output),
                               model=str(tiny_clip_dir), media="image", batch_size=4))
     assert (remote.inputs, remote.encoded, remote.failed) == (2, 2, 0)
+    recorded = (s3_output / "manifest.json").read_text() + "".join(p.read_text() for p in (s3_output / "logs").iterdir())
+    assert "jobs/media" in recorded and credentials not in recorded, "credentials are never written down"
     rows = read(s3_output).to_pylist()
     assert sorted(r["source_path"] for r in rows) == ["s3://jobs/media/a%20b%231%3F.jpg", "s3://jobs/media/caf%C3%A9.jpg"]
     local_tokens = next(r["tokens"] for r in read(output).to_pylist() if r["source_path"].endswith("a.jpg"))
