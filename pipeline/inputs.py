@@ -122,7 +122,10 @@ def list_inputs(spec: str, media: str) -> Listing:
     characters its name has; only a name that does not exist is a glob (``*``, ``?``, ``[...]`` within a
     name, ``**`` for any number of folders; the longest existing leading folder is taken literally).
     Directories (and globs) are searched recursively for ``media``'s extensions, skipping names that
-    start with a dot, following symbolic links but never into a directory already listed. A text file
+    start with a dot (unless a pattern names them), following symbolic links but never into a
+    directory already listed; an entry that cannot be examined or is not a regular file is a note
+    (`Listing.notes`). Relative paths are relative to the working directory; ``~`` is expanded;
+    ``..`` is resolved as the kernel does (`local_path`). A text file
     (``.txt``/``.lst``) or a table (``.parquet``/``.csv`` with a ``path`` column) lists one input per
     line or row (format: `read_list_file`, `read_path_table`); a single other file is one input.
 
