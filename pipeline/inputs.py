@@ -224,7 +224,7 @@ class _Lister:
         elif any(ch in path for ch in GLOB_CHARACTERS):
             self.add_glob(key, path)
         else:
-            raise FileNotFoundError(f"--input {spec!r} does not exist (and is not a glob: no * ? or [ in it)")
+            raise FileNotFoundError(f"--input {redact_credentials(spec)!r} does not exist (and is not a glob: no * ? or [ in it)")
 
     def file_type(self, key: str, path: str) -> pafs.FileType:
         """File, Directory or NotFound (local: `os.stat`, which takes any name, UTF-8 or not)."""
@@ -421,15 +421,15 @@ def read_path_table(fs: pafs.FileSystem, path: str, spec: str) -> Iterator[tuple
             try:
                 table = pacsv.read_csv(handle, convert_options=options)
             except pa.ArrowInvalid as error:
-                raise ValueError(f"--input {spec!r} cannot be read as CSV: {error}") from error
+                raise ValueError(f"--input {redact_credentials(spec)!r} cannot be read as CSV: {error}") from error
             names = table.column_names
     if PATH_COLUMN not in names:
-        raise ValueError(f"--input {spec!r} has no {PATH_COLUMN!r} column (columns: {names})")
+        raise ValueError(f"--input {redact_credentials(spec)!r} has no {PATH_COLUMN!r} column (columns: {names})")
     column = table.column(PATH_COLUMN)
     kind = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
     if not any(check(kind) for check in (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view,
                                          pa.types.is_binary, pa.types.is_large_binary, pa.types.is_binary_view)):
-        raise ValueError(f"--input {spec!r}: its {PATH_COLUMN!r} column is {column.type}, not text or bytes")
+        raise ValueError(f"--input {redact_credentials(spec)!r}: its {PATH_COLUMN!r} column is {column.type}, not text or bytes")
     for number, value in enumerate(column.to_pylist(), start=1):
         if isinstance(value, bytes):
             value = value.decode("utf-8", "surrogateescape")
