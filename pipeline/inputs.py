@@ -170,11 +170,11 @@ class _Lister:
             return LOCAL, local_path(os.getcwd(), os.path.expanduser(name) if like is None else name)
         parts = urlsplit(name)
         if parts.fragment:
-            raise ValueError(f"{name!r}: a URI cannot hold '#' (it starts a fragment); write it as %23")
+            raise ValueError(f"{redact_credentials(name)!r}: a URI cannot hold '#' (it starts a fragment); write it as %23")
         path = unquote(parts.path)
         if parts.scheme == "file":
             if parts.query:
-                raise ValueError(f"{name!r}: a file URI takes no options (?{parts.query})")
+                raise ValueError(f"{redact_credentials(name)!r}: a file URI takes no options (?{parts.query})")
             return LOCAL, local_path("/", path)
         if like not in (None, LOCAL) and parts.scheme == self._schemes[like] and not parts.query \
                 and "@" not in parts.netloc:
