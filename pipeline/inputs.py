@@ -170,7 +170,8 @@ class _Lister:
             return LOCAL, local_path(os.getcwd(), os.path.expanduser(name) if like is None else name)
         parts = urlsplit(name)
         if parts.fragment:
-            raise ValueError(f"{redact_credentials(name)!r}: a URI cannot hold '#' (it starts a fragment); write it as %23")
+            raise ValueError(f"{redact_credentials(name)!r}: a URI cannot hold '#' (it starts a fragment); "
+                             "write it as %23")
         path = unquote(parts.path)
         if parts.scheme == "file":
             if parts.query:
