@@ -451,11 +451,6 @@ def local_file(fs: pafs.FileSystem, path: str) -> Iterator[str]:
     if is_local(fs):
         yield path
         return
-    kind = fs.get_file_info(path).type
-    if kind == pafs.FileType.NotFound:
-        raise FileNotFoundError(path)
-    if kind == pafs.FileType.Directory:
-        raise IsADirectoryError(f"{path} is a folder, not a file")
     with tempfile.NamedTemporaryFile(suffix=PurePosixPath(path).suffix) as copy:
         fetch(fs, path, copy)
         yield copy.name
@@ -464,7 +459,13 @@ def local_file(fs: pafs.FileSystem, path: str) -> Iterator[str]:
 def fetch(fs: pafs.FileSystem, path: str, destination, attempts: int = FETCH_ATTEMPTS,
           backoff_s: float = FETCH_BACKOFF_S) -> None:
     """Copy ``path`` on ``fs`` into the open binary file ``destination``, trying ``attempts`` times in all,
-    ``backoff_s`` x attempt apart. A missing file is not retried."""
+    ``backoff_s`` x attempt apart. A missing file, or a folder, is not retried.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        IsADirectoryError: ``path`` is a folder (or a bucket): found out only when a read fails.
+        OSError: the last attempt's error.
+    """
     for attempt in range(1, attempts + 1):
         try:
             destination.seek(0)
@@ -473,13 +474,21 @@ def fetch(fs: pafs.FileSystem, path: str, destination, attempts: int = FETCH_ATT
                 shutil.copyfileobj(remote, destination)
             destination.flush()
             return
-        except FileNotFoundError:
-            raise
-        except OSError as error:
-            if attempt == attempts:
+        except OSError as error:  # an object store says "not found" for a prefix: a folder is checked first
+            if _is_folder(fs, path):
+                raise IsADirectoryError(f"{path} is a folder, not a file") from error
+            if isinstance(error, FileNotFoundError) or attempt == attempts:
                 raise
             logger.warning("%s: read failed (%s); retrying (%d of %d)", path, error, attempt + 1, attempts)
             time.sleep(backoff_s * attempt)
+
+
+def _is_folder(fs: pafs.FileSystem, path: str) -> bool:
+    """Whether ``path`` is a folder; False when that cannot be told either (the read failure stands)."""
+    try:
+        return fs.get_file_info(path).type == pafs.FileType.Directory
+    except OSError:
+        return False
 
 
 def read_committed(output: str) -> tuple[dict[str, set[int]], dict[str, set[int] | None], dict[str, int]]:
