@@ -505,11 +505,11 @@ def read_committed(output: str) -> tuple[dict[str, set[int]], dict[str, set[int]
     sampled: dict[str, int] = {}
     columns = {"video_id": pc.field("video_id"), "frame_index": pc.field("frame_index"),
                "sampled": pc.field("source_info", "sampled_frames")}
-    for video_id, frame_index, count in _key_rows(fs, f"{root}/shards", columns):
+    for video_id, frame_index, count in _key_rows(fs, root, "shards", columns):
         done.setdefault(video_id, set()).add(frame_index)
         sampled[video_id] = count
     failed: dict[str, set[int] | None] = {}
-    for video_id, frames in _key_rows(fs, f"{root}/errors", ["video_id", "frame_indices"]):
+    for video_id, frames in _key_rows(fs, root, "errors", ["video_id", "frame_indices"]):
         if not frames:
             failed[video_id] = None
         elif failed.get(video_id, set()) is not None:
@@ -517,23 +517,27 @@ def read_committed(output: str) -> tuple[dict[str, set[int]], dict[str, set[int]
     return done, failed, sampled
 
 
-def _key_rows(fs: pafs.FileSystem, directory: str, columns: list[str] | dict) -> Iterator[tuple]:
-    if fs.get_file_info(directory).type != pafs.FileType.Directory:
+def _key_rows(fs: pafs.FileSystem, root: str, sub: str, columns: list[str] | dict) -> Iterator[tuple]:
+    files = committed_files(fs, root, sub)
+    if not files:
         return
-    dataset = pads.dataset(directory, format="parquet", filesystem=fs)
-    if not dataset.files:
-        return
-    table = dataset.to_table(columns=columns)
+    table = pads.dataset(files, format="parquet", filesystem=fs).to_table(columns=columns)
     yield from zip(*(table.column(c).to_pylist() for c in table.column_names))
 
 
-def error_files(output: str) -> set[str]:
-    """Paths of the complete files in ``OUT/errors`` (temporary dot-files are not listed)."""
-    fs, root = filesystem_and_path(output)
-    directory = f"{root}/errors"
+def committed_files(fs: pafs.FileSystem, root: str, sub: str) -> list[str]:
+    """The complete Parquet files of ``<root>/<sub>`` (``shards`` or ``errors``), sorted; temporary
+    dot-files (a write not yet committed) are not listed, and a missing folder lists nothing."""
+    directory = f"{root}/{sub}"
     if fs.get_file_info(directory).type != pafs.FileType.Directory:
-        return set()
-    return set(pads.dataset(directory, format="parquet", filesystem=fs).files)
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(directory))
+    return sorted(i.path for i in infos if i.base_name.endswith(".parquet") and not i.base_name.startswith("."))
+
+
+def error_files(output: str) -> set[str]:
+    """Paths of the complete files in ``OUT/errors``."""
+    return set(committed_files(*filesystem_and_path(output), "errors"))
 
 
 def read_error_rows(output: str, files: set[str]) -> list[dict]:

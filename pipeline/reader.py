@@ -23,7 +23,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.inputs import filesystem_and_path
+from pipeline.inputs import committed_files, filesystem_and_path
 from pipeline.schema import ERROR_SCHEMA, SCHEMA_VERSION, read_file_metadata, shard_schema
 
 # Metadata fields that may differ between shards of one output without changing what the tokens mean.
@@ -207,20 +207,12 @@ class TokenReader:
 
     def errors(self) -> pa.Table:
         """The run's error table (``OUT/errors``): inputs or frames that produced no tokens, with reasons."""
-        files = self._parquet_files("errors")
+        files = committed_files(self.filesystem, self._root, "errors")
         if not files:
             return ERROR_SCHEMA.empty_table()
         return pads.dataset(files, format="parquet", filesystem=self.filesystem, schema=ERROR_SCHEMA).to_table()
 
     # -- internals --------------------------------------------------------------------------------
-
-    def _parquet_files(self, sub: str) -> list[str]:
-        """The complete Parquet files of ``OUT/<sub>``, sorted (temporary dot-files are not listed)."""
-        directory = f"{self._root}/{sub}"
-        if self.filesystem.get_file_info(directory).type != pafs.FileType.Directory:
-            return []
-        infos = self.filesystem.get_file_info(pafs.FileSelector(directory))
-        return sorted(i.path for i in infos if i.base_name.endswith(".parquet") and not i.base_name.startswith("."))
 
     def _open_shards(self) -> list[_Shard]:
         """The footers of every shard; none when the output has only error files or a run record.
@@ -228,8 +220,9 @@ class TokenReader:
         Raises:
             FileNotFoundError: the directory has no shard, no error file and no run record.
         """
-        paths = self._parquet_files("shards")
-        if not paths and not self._parquet_files("errors") and not self._has_run_record():
+        paths = committed_files(self.filesystem, self._root, "shards")
+        if (not paths and not committed_files(self.filesystem, self._root, "errors")
+                and not self._has_run_record()):
             found = self.filesystem.get_file_info(self._root).type != pafs.FileType.NotFound
             what = ("holds no shard (shards/*.parquet), error file (errors/*.parquet) or run record (manifest.json)"
                     if found else "does not exist")

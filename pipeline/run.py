@@ -18,8 +18,8 @@ from transformers import CLIPVisionConfig
 
 from operators.encode import load_vision_config
 from pipeline.config import EncodeConfig
-from pipeline.inputs import (VIDEO_ID_RULE, InputItem, Listing, error_files, filesystem_and_path, list_inputs,
-                             read_committed, read_error_rows, redact_credentials)
+from pipeline.inputs import (VIDEO_ID_RULE, InputItem, Listing, committed_files, error_files, filesystem_and_path,
+                             list_inputs, read_committed, read_error_rows, redact_credentials)
 from pipeline.report import failure_line
 from pipeline.runlog import RunLog, new_run_id, plain_text, utc_timestamp, write_run_record
 from pipeline.schema import SCHEMA_VERSION, read_file_metadata
@@ -110,15 +110,12 @@ def check_output_compatible(output: str, metadata: dict) -> None:
         ValueError: the output's files were made with other settings, or under another ``video_id`` rule.
     """
     fs, root = filesystem_and_path(output)
-    for directory in (f"{root}/shards", f"{root}/errors"):
-        if fs.get_file_info(directory).type != pafs.FileType.Directory:
-            continue
-        for info in fs.get_file_info(pafs.FileSelector(directory)):
-            if info.base_name.endswith(".parquet") and not info.base_name.startswith("."):
-                with fs.open_input_file(info.path) as handle:
-                    existing = read_file_metadata(pq.read_schema(handle))
-                _refuse_other_settings(output, existing, {"schema_version": SCHEMA_VERSION, **metadata})
-                return
+    for sub in ("shards", "errors"):
+        for path in committed_files(fs, root, sub)[:1]:
+            with fs.open_input_file(path) as handle:
+                existing = read_file_metadata(pq.read_schema(handle))
+            _refuse_other_settings(output, existing, {"schema_version": SCHEMA_VERSION, **metadata})
+            return
 
 
 def _refuse_other_settings(output: str, existing: dict, expected: dict) -> None:
