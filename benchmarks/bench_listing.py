@@ -7,7 +7,7 @@ output, each run in a fresh process with the tiny random tower and ``--num-frame
 every input, the second finds everything committed (resume) and encodes nothing. For each run it prints
 
 - ``listing_s``: `pipeline.inputs.list_inputs` on the input root (walk, real paths, ids);
-- ``planning_s``: reading what the output holds (`read_committed`) and choosing what to do (`pending_rows`);
+- ``planning_s``: reading what the output holds (`read_commit_state`) and choosing what to do (`pending_rows`);
 - ``job_s``: the whole job (it lists and plans again, then runs the graph);
 - ``driver_peak_mb``: the driver process's peak resident memory over all of it (``ru_maxrss``).
 
@@ -48,13 +48,14 @@ def make_inputs(root: Path, copies: Path, count: int) -> None:
 def measure(root: str, output: str, model: str) -> dict:
     """One run, in this (fresh) process: listing and planning timed alone, then the whole job."""
     from pipeline.config import EncodeConfig
-    from pipeline.inputs import list_inputs, read_committed
+    from pipeline.commit import read_commit_state
+    from pipeline.inputs import list_inputs
     from pipeline.run import pending_rows, run
 
     started = time.perf_counter()
     listing = list_inputs(root, "video")
     listed = time.perf_counter()
-    rows = pending_rows(listing.items, *read_committed(output))
+    rows = pending_rows(listing.items, read_commit_state(output))
     planned = time.perf_counter()
     summary = run(EncodeConfig(input=root, output=output, model=model, num_frames=1, batch_size=64,
                                log_level="WARNING"))

@@ -13,9 +13,14 @@ import typing
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from operators.encode import ModelUnavailableError  # noqa: E402
+from pipeline.commit import DamagedOutputError  # noqa: E402
 from pipeline.config import EncodeConfig  # noqa: E402
-from pipeline.run import RunFailed, RunSetupError, run  # noqa: E402
+from pipeline.run import OutputBusy, RunFailed, RunSetupError, run  # noqa: E402
 from pipeline.runlog import configure_console  # noqa: E402
+
+
+EXIT_BUSY = 3  # another job holds the output's lease
+EXIT_DAMAGED = 4  # committed files of the output cannot be read back whole (see --set-aside-damaged)
 
 
 def build_parser(description: str, defaults: dict) -> argparse.ArgumentParser:
@@ -55,11 +60,17 @@ def main(media: str, description: str, defaults: dict | None = None) -> int:
     except ModelUnavailableError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except OutputBusy as error:  # another job writes this output
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BUSY
     except RunSetupError as error:  # a missing input, an unwritable output, settings that clash: nothing written
         print(f"error: {error}", file=sys.stderr)
         return 2
     except RunFailed as error:  # its traceback is already on the console and in the run's log
         print(f"error: {error}", file=sys.stderr)
+        if isinstance(error.__cause__, DamagedOutputError):
+            print(f"error: {error.__cause__}", file=sys.stderr)
+            return EXIT_DAMAGED
         return 1
     except KeyboardInterrupt:  # recorded as interrupted
         print("interrupted", file=sys.stderr)

@@ -6,8 +6,8 @@
 
 The summary lists the failed inputs and frames with their reasons; an output whose every input failed
 (no shards) is summarised too. Exit status: 0 when the summary (and the picture) was made, 2 when OUT
-is not an output this reader can open or holds no tokens for the video to draw, 1 when the picture
-cannot be made.
+is not an output this reader can open or holds no tokens for the video to draw, 4 when a committed
+file cannot be read back whole (named), 1 when the picture cannot be made.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pipeline.commit import DamagedOutputError  # noqa: E402
 from pipeline.reader import MixedShardsError, ShardFormatError, TokenReader  # noqa: E402
 from pipeline.render import render_video  # noqa: E402
 from pipeline.report import summarize  # noqa: E402
@@ -33,10 +34,14 @@ def main() -> int:
     args = parser.parse_args()
     try:
         reader = TokenReader(args.output)
+        report = summarize(reader)
     except (FileNotFoundError, MixedShardsError, ShardFormatError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    for line in summarize(reader).lines():
+    except DamagedOutputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 4
+    for line in report.lines():
         print(line)
     if args.video and args.video not in reader:
         print(f"error: no tokens for video {args.video!r} in {args.output}", file=sys.stderr)
@@ -48,6 +53,9 @@ def main() -> int:
         video_id = args.video or reader.video_ids()[0]
         try:
             figure = render_video(reader, video_id, args.png, max_frames=args.max_frames, panel=args.panel)
+        except DamagedOutputError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 4
         except (OSError, RuntimeError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 1

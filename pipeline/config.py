@@ -28,6 +28,10 @@ class EncodeConfig:
                         "manifest.json")
     media: Literal["video", "image"] = _flag("what the inputs are", "video", choices=("video", "image"))
     model: str = _flag("Hugging Face hub id or local path of a CLIP vision checkpoint", DEFAULT_MODEL)
+    model_revision: str | None = _flag(
+        "exact revision of --model: a hub commit hash, branch or tag (default: the revision found on the driver: "
+        "the hub cache's commit, or a local folder's sha256 content fingerprint); every encoder loads exactly it "
+        "and the output records it")
     layer: int = _flag("hidden-state index whose patch tokens are kept (LLaVA uses -2)", -2)
     num_frames: int | None = _flag("videos: frames sampled uniformly over the whole video", 8)
     fps: float | None = _flag("videos: sample this many frames per second instead of --num-frames")
@@ -55,7 +59,12 @@ class EncodeConfig:
     device: str | None = _flag("encoder device (default: cuda when the cluster has GPUs, else cpu)")
     dtype: Literal["float32", "float16", "bfloat16"] | None = _flag(
         "encoder dtype (default: float16 on cuda, float32 on cpu)", None, choices=("float32", "float16", "bfloat16"))
-    rows_per_shard: int = _flag("rows gathered into one shard file (larger: fewer, bigger files)", 2048)
+    frames_per_shard: int = _flag("frames gathered into one shard file, each with all its views (larger: fewer, "
+                                  "bigger files; a write task holds this many frames in memory)", 1024)
+    shard_mb: float = _flag("most megabytes of tokens per shard file; also caps --frames-per-shard at what fits "
+                          "when every frame keeps its most tokens", 256.0)
+    set_aside_damaged: bool = _flag("move committed files that cannot be read back whole to OUT/damaged/ and "
+                                    "encode their frames again (without it such an output is refused)", False)
     max_image_pixels: int = _flag("images larger than this many pixels are refused as decompression bombs",
                                   DEFAULT_MAX_PIXELS)
     max_frame_pixels: int = _flag("videos whose frames are larger than this many pixels are refused",
@@ -73,12 +82,14 @@ class EncodeConfig:
             raise ValueError("--method fixed needs --budget K")
         if self.method != "fixed" and self.budget is not None:
             raise ValueError("--budget is only used with --method fixed")
-        for name in ("batch_size", "k_neighbors", "rows_per_shard", "max_image_pixels", "max_frame_pixels",
+        for name in ("batch_size", "k_neighbors", "frames_per_shard", "max_image_pixels", "max_frame_pixels",
                      "num_decoders", "num_encoders"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         self.sampling()  # --num-frames / --fps / --max-frames out of range: refused now, not in every decoder
+        if not self.shard_mb > 0:
+            raise ValueError("--shard-mb must be > 0")
         if not self.decode_timeout_s > 0:
             raise ValueError("--decode-timeout-s must be > 0")
         self.pinpoint_list()  # refuses a malformed --pinpoints now, not in every input's decoder

@@ -21,9 +21,7 @@ from pathlib import PurePosixPath
 from urllib.parse import quote, unquote, urlsplit
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -489,61 +487,3 @@ def _is_folder(fs: pafs.FileSystem, path: str) -> bool:
         return fs.get_file_info(path).type == pafs.FileType.Directory
     except OSError:
         return False
-
-
-def read_committed(output: str) -> tuple[dict[str, set[int]], dict[str, set[int] | None], dict[str, int]]:
-    """Frames already in ``output``: ``(done, failed, sampled)``.
-
-    ``done[video_id]`` holds committed frame indices (rows of a frame are always committed together);
-    ``failed[video_id]`` holds the frame indices of recorded errors, or None when the whole input failed;
-    ``sampled[video_id]`` is how many frames the sampling selected (``source_info.sampled_frames``), so
-    an input whose sampled frames are all in ``done`` or ``failed`` is finished without reading it again.
-    Only complete files are visible: temporary files start with a dot and are ignored.
-    """
-    fs, root = filesystem_and_path(output)
-    done: dict[str, set[int]] = {}
-    sampled: dict[str, int] = {}
-    columns = {"video_id": pc.field("video_id"), "frame_index": pc.field("frame_index"),
-               "sampled": pc.field("source_info", "sampled_frames")}
-    for video_id, frame_index, count in _key_rows(fs, root, "shards", columns):
-        done.setdefault(video_id, set()).add(frame_index)
-        sampled[video_id] = count
-    failed: dict[str, set[int] | None] = {}
-    for video_id, frames in _key_rows(fs, root, "errors", ["video_id", "frame_indices"]):
-        if not frames:
-            failed[video_id] = None
-        elif failed.get(video_id, set()) is not None:
-            failed.setdefault(video_id, set()).update(frames)
-    return done, failed, sampled
-
-
-def _key_rows(fs: pafs.FileSystem, root: str, sub: str, columns: list[str] | dict) -> Iterator[tuple]:
-    files = committed_files(fs, root, sub)
-    if not files:
-        return
-    table = pads.dataset(files, format="parquet", filesystem=fs).to_table(columns=columns)
-    yield from zip(*(table.column(c).to_pylist() for c in table.column_names))
-
-
-def committed_files(fs: pafs.FileSystem, root: str, sub: str) -> list[str]:
-    """The complete Parquet files of ``<root>/<sub>`` (``shards`` or ``errors``), sorted; temporary
-    dot-files (a write not yet committed) are not listed, and a missing folder lists nothing."""
-    directory = f"{root}/{sub}"
-    if fs.get_file_info(directory).type != pafs.FileType.Directory:
-        return []
-    infos = fs.get_file_info(pafs.FileSelector(directory))
-    return sorted(i.path for i in infos if i.base_name.endswith(".parquet") and not i.base_name.startswith("."))
-
-
-def error_files(output: str) -> set[str]:
-    """Paths of the complete files in ``OUT/errors``."""
-    return set(committed_files(*filesystem_and_path(output), "errors"))
-
-
-def read_error_rows(output: str, files: set[str]) -> list[dict]:
-    """The error rows of ``files`` (from `error_files`), sorted by source path and frames."""
-    if not files:
-        return []
-    fs, _ = filesystem_and_path(output)
-    rows = pads.dataset(sorted(files), format="parquet", filesystem=fs).to_table().to_pylist()
-    return sorted(rows, key=lambda row: (row["source_path"], row["frame_indices"]))

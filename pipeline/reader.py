@@ -1,10 +1,13 @@
 """Read a run's shards back as per-video token tensors, touching only the row groups a video lives in.
 
-`TokenReader(out_dir)` reads every shard's footer once (schema version, run metadata: a directory
-mixing models or methods is refused) and, on first need, the ``video_id`` column of every shard,
-which maps each video to the (file, row group) pairs holding its rows. ``load(video_id)`` then reads
-only those row groups. The job writes shard rows sorted by key in small row groups, so one video is
-one or two row groups per file it landed in.
+`TokenReader(out_dir)` reads the output's commit index once (``OUT/index/*.parquet``, a few small
+files: for each video, the shard files and row groups holding it, its frames, and each shard's size;
+see `pipeline.commit`) and the run metadata the index records (an output mixing models or methods is
+refused). It opens no shard until a video is loaded, and then only the shards that video is in: a
+DataLoader worker that streams its own videos opens only their files. ``load(video_id)`` reads only
+the video's row groups, and checks that every frame the index names is there with all its views.
+Only committed shards are read: a shard the index does not name (a write interrupted before its
+commit) is invisible.
 
 An output without shards (a run whose every input failed, or one stopped before its first commit) is
 still an output: it opens with no videos and no run metadata, and ``errors()`` says what failed.
@@ -12,6 +15,7 @@ still an output: it opens with no videos and no run metadata, and ``errors()`` s
 
 from __future__ import annotations
 
+import bisect
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -23,15 +27,15 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.inputs import committed_files, filesystem_and_path
-from pipeline.schema import ERROR_SCHEMA, SCHEMA_VERSION, read_file_metadata, shard_schema
-
-# Metadata fields that may differ between shards of one output without changing what the tokens mean.
-IGNORED_METADATA = ("model_revision",)  # None for a local copy of the same checkpoint
+from pipeline.commit import DamagedOutputError, OutputIndex, committed_files, read_index
+from pipeline.inputs import filesystem_and_path
+from pipeline.schema import (ERROR_SCHEMA, SCHEMA_VERSION, differing_settings, expected_tiles, read_file_metadata,
+                             shard_schema)
 
 
 class ShardFormatError(ValueError):
-    """Shards this reader cannot interpret: unknown schema version, or unexpected columns."""
+    """Shards this reader cannot interpret: unknown schema version, unexpected columns, or a frame
+    without all its views (the reader never shifts tiles into the wrong slots)."""
 
 
 class MixedShardsError(ValueError):
@@ -111,36 +115,39 @@ class VideoTokens:
         return torch.tensor([frame.timestamp_s for frame in self.frames], dtype=torch.float64)
 
 
-@dataclass(frozen=True)
-class _Shard:
-    path: str
-    metadata: pq.FileMetaData
-
-
 class TokenReader:
     """Random access to the videos of one output directory (local path or pyarrow filesystem URI).
 
-    ``metadata`` is the run metadata every shard records (model, layer, method, patch grid,
+    ``metadata`` is the run metadata the output records (model, revision, layer, method, patch grid,
     preprocessing, sampling); it is ``None`` when the output holds no shard, since only shards record
     how tokens were made (the run record, ``OUT/manifest.json``, says how the run was configured).
     Such an output has no videos: ``len(reader) == 0``, ``video_ids() == []``, and ``errors()`` holds
-    the inputs that failed.
+    the inputs that failed. A reader pickles with its index (DataLoader workers do not read it again).
 
     Raises:
         FileNotFoundError: ``out_dir`` is not the output of an encoding run: it holds no shard, no
             error file and no run record.
-        ShardFormatError: a shard has another schema version or unexpected columns.
-        MixedShardsError: the shards were made with different models, layers, methods or preprocessing.
+        ShardFormatError: the output has another schema version (or shards but no commit index).
+        MixedShardsError: the index files record different models, revisions, layers, methods or preprocessing.
+        pipeline.commit.DamagedOutputError: an index file cannot be read (and, from `load`, a shard).
     """
 
     def __init__(self, out_dir: str, cache_row_groups: int = 8) -> None:
         self.out_dir = str(out_dir)
         self.filesystem, self._root = filesystem_and_path(self.out_dir)  # pyarrow filesystem of the output
-        self._shards = self._open_shards()
-        self.metadata: dict | None = self._common_metadata() if self._shards else None
-        self._index: dict[str, list[tuple[int, int]]] | None = None
-        self._cache: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()
         self._cache_size = cache_row_groups
+        self._set_index(self._open_index())
+
+    def _set_index(self, index: OutputIndex) -> None:
+        self._index = index
+        self.metadata: dict | None = index.metadata
+        self._ids = _Strings(index.entries["video_id"])  # sorted: a video's entries are found by bisection
+        self._files = sorted(set(index.entries["file"].to_pylist()))
+        self._file_numbers = {name: number for number, name in enumerate(self._files)}
+        self._sizes = dict(zip(index.entries["file"].to_pylist(), index.entries["file_bytes"].to_pylist()))
+        self._order: list[str] | None = None
+        self._footers: dict[str, pq.FileMetaData] = {}
+        self._cache: OrderedDict[tuple[str, int], pa.Table] = OrderedDict()
         self.row_groups_read = 0  # row groups read from storage so far (cache hits not counted)
 
     @property
@@ -150,57 +157,79 @@ class TokenReader:
 
     @property
     def files(self) -> list[str]:
-        return [shard.path for shard in self._shards]
+        """The committed shard files, sorted."""
+        return [self._path(name) for name in self._files]
+
+    @property
+    def shards_opened(self) -> int:
+        """Shard files whose footer this reader has read so far."""
+        return len(self._footers)
 
     def video_ids(self) -> list[str]:
         """Every video with tokens, in storage order (by file, then row group, then id)."""
-        return list(self._video_index())
+        if self._order is None:
+            entries = self._index.entries
+            firsts = pa.table({"video_id": entries["video_id"], "file": entries["file"],
+                               "group": pc.list_element(entries["row_groups"], 0)})
+            firsts = firsts.sort_by([("file", "ascending"), ("group", "ascending"), ("video_id", "ascending")])
+            self._order = list(dict.fromkeys(firsts["video_id"].to_pylist()))
+        return self._order
 
     def __contains__(self, video_id: str) -> bool:
-        return video_id in self._video_index()
+        start = bisect.bisect_left(self._ids, video_id)
+        return start < len(self._ids) and self._ids[start] == video_id
 
     def __len__(self) -> int:
-        return len(self._video_index())
+        return len(self.video_ids())
 
     def row_groups(self, video_id: str) -> list[tuple[str, int]]:
         """The (file, row group) pairs holding ``video_id``'s rows: all that `load` reads."""
-        return [(self._shards[f].path, g) for f, g in self._locate(video_id)]
+        return [(self._path(name), group) for name, group in self._locate(video_id)]
 
     def first_row_group(self, video_id: str) -> tuple[int, int]:
         """(file number, row group) where ``video_id``'s rows begin: videos sharing it are neighbours."""
-        return self._locate(video_id)[0]
+        name, group = self._locate(video_id)[0]
+        return self._file_numbers[name], group
 
     def __getstate__(self) -> dict:
-        # DataLoader workers started with "spawn" get a copy: keep the index, drop cached row groups.
+        # DataLoader workers started with "spawn" get a copy: keep the index, drop footers and row groups.
         return {"out_dir": self.out_dir, "cache_row_groups": self._cache_size, "index": self._index}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["out_dir"], state["cache_row_groups"])
-        self._index = state["index"]
+        self.out_dir = state["out_dir"]
+        self.filesystem, self._root = filesystem_and_path(self.out_dir)
+        self._cache_size = state["cache_row_groups"]
+        self._set_index(state["index"])
 
     def load(self, video_id: str) -> VideoTokens:
-        """The video's frames in time order, each with its views' tokens as torch tensors."""
-        parts = [self._row_group(f, g) for f, g in self._locate(video_id)]
+        """The video's frames in time order, each with its views' tokens as torch tensors.
+
+        Raises:
+            KeyError: no tokens for ``video_id``.
+            ShardFormatError: a frame the index names is missing, or lacks views, or a view is repeated.
+            pipeline.commit.DamagedOutputError: a shard holding it cannot be read back whole.
+        """
+        parts = [self._row_group(name, group) for name, group in self._locate(video_id)]
         table = pa.concat_tables(parts)
         table = table.filter(pc.equal(table["video_id"], video_id))
         table = table.sort_by([("frame_index", "ascending"), ("tile_index", "ascending")])
         views = _views(table, self.hidden_size)
         columns = {name: table[name].to_pylist() for name in ("frame_index", "timestamp_s", "grid_rows", "grid_cols")}
         starts = [0, *(np.flatnonzero(np.diff(table["frame_index"].to_numpy())) + 1).tolist()]
+        anyres = bool(self.metadata["preprocessing"]["anyres"])
         frames = []
         for start, stop in zip(starts, [*starts[1:], table.num_rows]):
-            if views[start].tile_index != -1:
-                raise ShardFormatError(f"{video_id} frame {columns['frame_index'][start]}: no global view (tile_index -1)")
-            frames.append(
-                Frame(
-                    frame_index=columns["frame_index"][start],
-                    timestamp_s=columns["timestamp_s"][start],
-                    grid_rows=columns["grid_rows"][start],
-                    grid_cols=columns["grid_cols"][start],
-                    global_view=views[start],
-                    tiles=tuple(views[start + 1 : stop]),
-                )
-            )
+            index, rows, cols = (columns[name][start] for name in ("frame_index", "grid_rows", "grid_cols"))
+            tiles = [view.tile_index for view in views[start:stop]]
+            if tiles != expected_tiles(rows, cols, anyres):
+                raise ShardFormatError(f"{video_id} frame {index}: views {tiles}, expected "
+                                       f"{expected_tiles(rows, cols, anyres)} (in {self.row_groups(video_id)})")
+            frames.append(Frame(frame_index=index, timestamp_s=columns["timestamp_s"][start], grid_rows=rows,
+                                grid_cols=cols, global_view=views[start], tiles=tuple(views[start + 1 : stop])))
+        committed = self._committed_frames(video_id)
+        if [frame.frame_index for frame in frames] != committed:
+            raise ShardFormatError(f"{video_id}: the index commits frames {committed}, the shards hold "
+                                   f"{[frame.frame_index for frame in frames]}")
         source = table["source_path"][0].as_py()
         return VideoTokens(video_id=video_id, source_path=source, frames=tuple(frames), metadata=self.metadata,
                            source_info=table["source_info"][0].as_py())
@@ -214,99 +243,117 @@ class TokenReader:
 
     # -- internals --------------------------------------------------------------------------------
 
-    def _open_shards(self) -> list[_Shard]:
-        """The footers of every shard; none when the output has only error files or a run record.
-
-        Raises:
-            FileNotFoundError: the directory has no shard, no error file and no run record.
-        """
-        paths = committed_files(self.filesystem, self._root, "shards")
-        if (not paths and not committed_files(self.filesystem, self._root, "errors")
-                and not self._has_run_record()):
-            found = self.filesystem.get_file_info(self._root).type != pafs.FileType.NotFound
-            what = ("holds no shard (shards/*.parquet), error file (errors/*.parquet) or run record (manifest.json)"
-                    if found else "does not exist")
-            raise FileNotFoundError(f"{self.out_dir} {what}: is it the --output of an encoding run?")
-        shards = []
-        for path in paths:
-            with self.filesystem.open_input_file(path) as handle:
-                shards.append(_Shard(path, pq.read_metadata(handle)))
-        return shards
+    def _open_index(self) -> OutputIndex:
+        """The commit index, its metadata checked; empty when the output has only error files or a run record."""
+        index = read_index(self.filesystem, self._root)
+        if not index.files:
+            shards = committed_files(self.filesystem, self._root, "shards")
+            if shards:
+                with self.filesystem.open_input_file(shards[0]) as handle:
+                    version = read_file_metadata(pq.read_schema(handle)).get("schema_version")
+                if version != SCHEMA_VERSION:
+                    raise ShardFormatError(_version_message(shards[0], version))
+            elif not committed_files(self.filesystem, self._root, "errors") and not self._has_run_record():
+                found = self.filesystem.get_file_info(self._root).type != pafs.FileType.NotFound
+                what = ("holds no shard (shards/*.parquet), error file (errors/*.parquet) or run record "
+                        "(manifest.json)" if found else "does not exist")
+                raise FileNotFoundError(f"{self.out_dir} {what}: is it the --output of an encoding run?")
+            return index
+        version = index.metadata.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ShardFormatError(_version_message(index.files[0], version))
+        groups: dict[str, list[str]] = {}
+        for path, metadata in index.metadata_by_file.items():
+            groups.setdefault(repr(sorted(metadata.items())), []).append(path)
+        if len(groups) > 1:
+            lines = [f"  {len(paths)} index file(s) like {paths[0]}:\n    "
+                     f"{_describe(index.metadata_by_file[paths[0]])}" for paths in groups.values()]
+            raise MixedShardsError(
+                f"{self.out_dir} mixes shards made with different settings; tokens from different models, "
+                "revisions, layers or methods must not be mixed in one dataset:\n" + "\n".join(lines) +
+                "\nKeep each run in its own output directory.")
+        return index
 
     def _has_run_record(self) -> bool:
         """Whether a run wrote its record here (``OUT/manifest.json``, ``OUT/runs/``), even if it committed nothing."""
         infos = self.filesystem.get_file_info([f"{self._root}/manifest.json", f"{self._root}/runs"])
         return any(info.type != pafs.FileType.NotFound for info in infos)
 
-    def _common_metadata(self) -> dict:
-        """The run metadata all shards share; raises when versions are unknown or settings differ."""
-        groups: dict[str, list[str]] = {}
-        parsed = {}
-        for shard in self._shards:
-            metadata = read_file_metadata(shard.metadata.schema.to_arrow_schema())
-            version = metadata.get("schema_version")
-            if version != SCHEMA_VERSION:
-                raise ShardFormatError(
-                    f"{shard.path}: shard schema version {version!r}, this reader reads version {SCHEMA_VERSION!r}; "
-                    "re-encode, or read it with the matching release of video-token-cache"
-                )
-            comparable = {k: v for k, v in metadata.items() if k not in IGNORED_METADATA}
-            key = repr(sorted(comparable.items()))
-            groups.setdefault(key, []).append(shard.path)
-            parsed[key] = metadata
-        if len(groups) > 1:
-            lines = [
-                f"  {len(paths)} file(s) like {paths[0]}:\n    {_describe(parsed[key])}" for key, paths in groups.items()
-            ]
-            raise MixedShardsError(
-                f"{self.out_dir} mixes shards made with different settings; tokens from different models, "
-                "layers or methods must not be mixed in one dataset:\n" + "\n".join(lines) +
-                "\nKeep each run in its own output directory."
-            )
-        metadata = next(iter(parsed.values()))
-        expected = shard_schema(int(metadata["hidden_size"]))
-        for shard in self._shards:
-            schema = shard.metadata.schema.to_arrow_schema().remove_metadata()
-            if not schema.equals(expected):
-                raise ShardFormatError(f"{shard.path}: columns {schema} differ from the shard schema {expected}")
-        return metadata
+    def _path(self, name: str) -> str:
+        return f"{self._root}/shards/{name}"
 
-    def _video_index(self) -> dict[str, list[tuple[int, int]]]:
-        """video_id → [(file number, row group)], read from the ``video_id`` column alone, once."""
-        if self._index is None:
-            index: dict[str, list[tuple[int, int]]] = {}
-            for f, shard in enumerate(self._shards):
-                with self.filesystem.open_input_file(shard.path) as handle:
-                    ids = pq.ParquetFile(handle, metadata=shard.metadata).read(columns=["video_id"])["video_id"]
-                start = 0
-                for g in range(shard.metadata.num_row_groups):
-                    rows = shard.metadata.row_group(g).num_rows
-                    for video_id in pc.unique(ids.slice(start, rows)).to_pylist():
-                        index.setdefault(video_id, []).append((f, g))
-                    start += rows
-            self._index = index
-        return self._index
+    def _entries(self, video_id: str) -> pa.Table:
+        start = bisect.bisect_left(self._ids, video_id)
+        stop = bisect.bisect_right(self._ids, video_id, lo=start)
+        if start == stop:
+            raise KeyError(f"no tokens for video_id {video_id!r} in {self.out_dir} (see .errors() for failed inputs)")
+        return self._index.entries.slice(start, stop - start)
 
-    def _locate(self, video_id: str) -> list[tuple[int, int]]:
-        try:
-            return self._video_index()[video_id]
-        except KeyError:
-            raise KeyError(f"no tokens for video_id {video_id!r} in {self.out_dir} (see .errors() for failed inputs)") from None
+    def _locate(self, video_id: str) -> list[tuple[str, int]]:
+        entries = self._entries(video_id)
+        return [(name, group) for name, groups in zip(entries["file"].to_pylist(), entries["row_groups"].to_pylist())
+                for group in groups]
 
-    def _row_group(self, f: int, g: int) -> pa.Table:
+    def _committed_frames(self, video_id: str) -> list[int]:
+        return sorted(i for frames in self._entries(video_id)["frame_indices"].to_pylist() for i in frames)
+
+    def _footer(self, name: str, handle: pa.NativeFile) -> pq.FileMetaData:
+        """The shard's footer, read once and checked against the index: size, schema, metadata."""
+        if name not in self._footers:
+            path = self._path(name)
+            if handle.size() != self._sizes[name]:
+                raise DamagedOutputError(self.out_dir, [f"{path}: {handle.size()} bytes, committed with "
+                                                        f"{self._sizes[name]} bytes"])
+            try:
+                footer = pq.read_metadata(handle)
+            except (OSError, pa.ArrowException) as error:
+                raise DamagedOutputError(self.out_dir, [f"{path}: {error}"]) from error
+            schema = footer.schema.to_arrow_schema()
+            columns, expected = schema.remove_metadata(), shard_schema(self.hidden_size)
+            if not columns.equals(expected):
+                raise ShardFormatError(f"{path}: columns {columns} differ from the shard schema {expected}")
+            differing = differing_settings(read_file_metadata(schema), self.metadata)
+            if differing:
+                raise MixedShardsError(f"{path} was made with other settings than its index records: {differing}")
+            self._footers[name] = footer
+        return self._footers[name]
+
+    def _row_group(self, name: str, group: int) -> pa.Table:
         """One row group, through a small LRU cache (neighbouring videos share row groups)."""
-        key = (f, g)
+        key = (name, group)
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        shard = self._shards[f]
-        with self.filesystem.open_input_file(shard.path) as handle:
-            table = pq.ParquetFile(handle, metadata=shard.metadata).read_row_group(g)
+        try:
+            with self.filesystem.open_input_file(self._path(name)) as handle:
+                table = pq.ParquetFile(handle, metadata=self._footer(name, handle)).read_row_group(group)
+        except FileNotFoundError as error:
+            raise DamagedOutputError(self.out_dir, [f"{self._path(name)}: missing"]) from error
+        except pa.ArrowInvalid as error:
+            raise DamagedOutputError(self.out_dir, [f"{self._path(name)}: {error}"]) from error
         self.row_groups_read += 1
         self._cache[key] = table
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return table
+
+
+class _Strings:
+    """A string column as a sequence of Python strings, for `bisect` (no copy of the column)."""
+
+    def __init__(self, column: pa.ChunkedArray) -> None:
+        self._column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+
+    def __len__(self) -> int:
+        return len(self._column)
+
+    def __getitem__(self, i: int) -> str:
+        return self._column[i].as_py()
+
+
+def _version_message(path: str, version) -> str:
+    return (f"{path}: shard schema version {version!r}, this reader reads version {SCHEMA_VERSION!r}; re-encode, or "
+            "read it with the matching release of video-token-cache")
 
 
 def _views(table: pa.Table, hidden_size: int) -> list[View]:

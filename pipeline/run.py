@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import platform
 import sys
 import time
@@ -16,14 +17,16 @@ import pyarrow.parquet as pq
 import ray
 from transformers import CLIPVisionConfig
 
-from operators.encode import load_vision_config
+from operators.encode import load_vision_config, resolve_revision
 from pipeline.config import EncodeConfig
-from pipeline.inputs import (VIDEO_ID_RULE, InputItem, Listing, committed_files, error_files, filesystem_and_path,
-                             list_inputs, read_committed, read_error_rows, redact_credentials)
+from pipeline.commit import (CommitState, committed_files, error_files, merge_index_parts, prepare_output,
+                             read_error_rows)
+from pipeline.inputs import VIDEO_ID_RULE, InputItem, Listing, filesystem_and_path, list_inputs, redact_credentials
+from pipeline.lease import OutputLease, OutputLocked
 from pipeline.report import failure_line
 from pipeline.runlog import RunLog, new_run_id, plain_text, utc_timestamp, write_run_record
-from pipeline.schema import SCHEMA_VERSION, read_file_metadata
-from pipeline.sink import ShardSink, WriteStats, remove_stale_temporaries
+from pipeline.schema import SCHEMA_VERSION, differing_settings, read_file_metadata
+from pipeline.sink import ShardSink, WriteStats
 from pipeline.stages import DecodeInputs, EncodeTokens
 
 ACTOR_RETRIES = 2
@@ -84,7 +87,7 @@ def run_metadata(config: EncodeConfig, vision: CLIPVisionConfig) -> dict:
         "media": config.media,
         "video_id_rule": VIDEO_ID_RULE,
         "model": config.model,
-        "model_revision": getattr(vision, "_commit_hash", None),
+        "model_revision": config.model_revision,
         "layer": config.layer,
         "hidden_size": vision.hidden_size,
         "patch_grid": [grid, grid],
@@ -103,14 +106,15 @@ def run_metadata(config: EncodeConfig, vision: CLIPVisionConfig) -> dict:
 def check_output_compatible(output: str, metadata: dict) -> None:
     """Refuse to add tokens made another way to an existing output (mixed shards mislead readers).
 
-    The first committed file (a shard, else an error file: an output whose every input failed) says
-    how the output was made; an error file without metadata was written before error files carried it.
+    The first index file (else an error file: an output whose every input failed; else a shard not yet
+    indexed) says how the output was made; an error file without metadata was written before error
+    files carried it.
 
     Raises:
         ValueError: the output's files were made with other settings, or under another ``video_id`` rule.
     """
     fs, root = filesystem_and_path(output)
-    for sub in ("shards", "errors"):
+    for sub in ("index", "errors", "shards"):
         for path in committed_files(fs, root, sub)[:1]:
             with fs.open_input_file(path) as handle:
                 existing = read_file_metadata(pq.read_schema(handle))
@@ -122,8 +126,7 @@ def _refuse_other_settings(output: str, existing: dict, expected: dict) -> None:
     if not existing:
         raise ValueError(f"{output} holds files of an older version, which record no settings and made video ids "
                          "another way: the same inputs would be encoded again under new ids. Use a new --output.")
-    differing = sorted(key for key in existing.keys() | expected.keys()
-                       if key != "model_revision" and existing.get(key) != expected.get(key))
+    differing = differing_settings(existing, expected)
     if not differing:
         return
     lines = "".join(f"\n  {key}: existing {existing.get(key)!r}, this run {expected.get(key)!r}" for key in differing)
@@ -167,17 +170,15 @@ def _encoder_resources(config: EncodeConfig) -> tuple[int, float]:
     return actors, (1.0 if use_gpu else 0.0)
 
 
-def pending_rows(inputs: list[InputItem], done: dict, failed: dict, sampled: dict) -> list[dict]:
+def pending_rows(inputs: list[InputItem], state: CommitState) -> list[dict]:
     """Input rows still to process, each carrying the frames earlier runs committed or recorded as failed.
 
     An input is finished (and not read again) when it failed as a whole, or when every frame its
-    sampling selected is in the shards or the errors."""
+    sampling selected is in the shards or the errors (`CommitState.finished`)."""
     rows = []
     for item in inputs:
-        whole_input_failed = item.video_id in failed and failed[item.video_id] is None
-        settled = done.get(item.video_id, set()) | (failed.get(item.video_id) or set())
-        if whole_input_failed or (item.video_id in sampled and len(settled) >= sampled[item.video_id]):
-            continue  # nothing left to do for it
+        if state.finished(item.video_id):
+            continue
         rows.append(
             {
                 "video_id": item.video_id,
@@ -185,8 +186,8 @@ def pending_rows(inputs: list[InputItem], done: dict, failed: dict, sampled: dic
                 "path": item.path,
                 "filesystem": item.filesystem,
                 "problem": item.problem,
-                "done_frames": sorted(done.get(item.video_id, ())),
-                "failed_frames": sorted(failed.get(item.video_id) or ()),
+                "done_frames": sorted(state.done.get(item.video_id, ())),
+                "failed_frames": sorted(state.failed.get(item.video_id) or ()),
             }
         )
     return rows
@@ -233,6 +234,10 @@ class RunSetupError(Exception):
     be left)."""
 
 
+class OutputBusy(RunSetupError):
+    """Another job holds the output's lease (`pipeline.lease`); nothing was written."""
+
+
 class RunFailed(RuntimeError):
     """The run started (it has an id, a log and a record) and then failed; ``__cause__`` says why."""
 
@@ -255,8 +260,8 @@ def brief(error: BaseException) -> str:
 def run(config: EncodeConfig) -> RunSummary:
     """Encode every input of ``config`` into ``config.output``; inputs already committed are skipped.
 
-    Checks that need no Ray (the model's config, the output's settings, the input listing, that the
-    output can be written) run first. Then the run gets an id; its log goes to ``OUT/logs/<run-id>.log``
+    Checks that need no Ray (the model's config, the output's settings, the input listing) run first.
+    Then the run gets an id and takes the output's lease (one job per output); its log goes to ``OUT/logs/<run-id>.log``
     and its record (config, versions, summary, status) to ``OUT/runs/<run-id>.json`` and
     ``OUT/manifest.json``: written at the start with status ``running``, and again when the run
     completes, fails or is interrupted. Every error row the run commits is logged with its reason, also
@@ -264,12 +269,20 @@ def run(config: EncodeConfig) -> RunSummary:
 
     Raises:
         ModelUnavailableError: the model's config cannot be loaded.
+        OutputBusy: another job holds the output (its lease, `pipeline.lease`); nothing was written.
         RunSetupError: the run could not start (see there); nothing was written.
-        RunFailed: the run failed after it started; its record says ``failed``.
+        RunFailed: the run failed after it started; its record says ``failed``. Its ``__cause__`` is a
+            `pipeline.commit.DamagedOutputError` when committed files of the output are damaged.
         KeyboardInterrupt, SystemExit: the run was interrupted (Ctrl-C, SIGTERM); its record says so.
     """
     started = time.time()
-    vision = load_vision_config(config.model)  # fails fast, before Ray starts, without the model
+    try:
+        # Pinned once here; every encoder actor loads exactly this revision (`operators.encode`).
+        config = dataclasses.replace(config, model_revision=resolve_revision(config.model, config.model_revision))
+    except ValueError as error:  # a local checkpoint that is not the one --model-revision names
+        raise RunSetupError(str(error)) from error
+    # the config only (no weights), before Ray starts; a local folder was just fingerprinted, not again
+    vision = load_vision_config(config.model, None if os.path.isdir(config.model) else config.model_revision)
     metadata_ = run_metadata(config, vision)
     try:
         config.check_model_fit(vision.image_size, vision.patch_size)
@@ -285,6 +298,22 @@ def run(config: EncodeConfig) -> RunSummary:
         raise RunSetupError(f"--input {redact_credentials(config.input)!r} holds no {config.media} files{skipped}")
 
     run_id = new_run_id(started)
+    lease = OutputLease(config.output, run_id)
+    try:
+        lease.acquire()
+    except OutputLocked as error:
+        raise OutputBusy(str(error)) from error
+    except OSError as error:
+        raise RunSetupError(f"cannot write to the output {config.output}: {error}") from error
+    try:
+        return _run_holding_lease(config, listing, vision.image_size, metadata_, run_id, started, lease)
+    finally:
+        lease.release()
+
+
+def _run_holding_lease(config: EncodeConfig, listing: Listing, image_size: int, metadata_: dict, run_id: str,
+                       started: float, lease: OutputLease) -> RunSummary:
+    """`run` from the moment the run has an id and holds the output: record, log, encode, record."""
     record = {
         "run_id": run_id,
         "status": "running",
@@ -315,7 +344,9 @@ def run(config: EncodeConfig) -> RunSummary:
         try:
             errors_before = error_files(config.output)
             _log_listing(listing)
-            summary, config = _encode(config, listing, vision.image_size, metadata_, started)
+            summary, config = _encode(config, listing, image_size, metadata_, started, run_id)
+            _merge_index(config.output, run_id)
+            lease.check()
             _log_failures(config.output, errors_before)
             failures_logged = True
             for line in summary.lines():
@@ -331,6 +362,8 @@ def run(config: EncodeConfig) -> RunSummary:
                 ray.shutdown()  # the Ray this run started: stop its tasks, so none commits after the list below
             if not failures_logged:
                 _log_failures(config.output, errors_before)
+            if not lease.lost:
+                _merge_index(config.output, run_id)
             if interrupted:
                 logger.error("run %s interrupted (%r)", run_id, error)
             else:
@@ -347,20 +380,35 @@ def run(config: EncodeConfig) -> RunSummary:
     return summary
 
 
+def _merge_index(output: str, run_id: str) -> None:
+    """Merge this run's index parts into one file (best effort: unmerged parts are read as well)."""
+    try:
+        merged = merge_index_parts(*filesystem_and_path(output), run_id)
+        logger.debug("merged %d index parts into index/run-%s.parquet", merged, run_id)
+    except (OSError, ValueError) as error:
+        logger.warning("cannot merge the index parts of %s (readers read them unmerged): %s", output, brief(error))
+
+
 def _encode(config: EncodeConfig, listing: Listing, image_size: int, metadata_: dict,
-            started: float) -> tuple[RunSummary, EncodeConfig]:
-    """Plan against what earlier runs committed, run the graph, and summarise.
+            started: float, run_id: str) -> tuple[RunSummary, EncodeConfig]:
+    """Make the output consistent (`prepare_output`), plan against what earlier runs committed, run the
+    graph, and summarise.
 
     Returns the summary and the config with the encoder device that was chosen filled in."""
-    removed = remove_stale_temporaries(config.output)
-    if removed:
-        logger.info("removed %d temporary files left by an interrupted run", removed)
+    prepared = prepare_output(config.output, metadata_, config.set_aside_damaged)
+    if prepared.temporaries_removed:
+        logger.info("removed %d temporary files left by an interrupted run", prepared.temporaries_removed)
+    if prepared.adopted:
+        logger.info("committed %d shard(s) an interrupted run wrote but did not index", len(prepared.adopted))
+    for path in prepared.set_aside:
+        logger.warning("set aside damaged %s (its frames are encoded again)", path)
     inputs = listing.items
-    done, failed, sampled = read_committed(config.output)
-    rows = pending_rows(inputs, done, failed, sampled)
-    _log_plan(inputs, rows, failed, config.media)
+    state = prepared.state
+    rows = pending_rows(inputs, state)
+    _log_plan(inputs, rows, state.failed, config.media)
 
-    sink = ShardSink(config.output, metadata_, config.rows_per_shard)
+    views = 1 + max(w * h for w, h in config.pinpoint_list()) // image_size**2 if config.anyres else 1  # per frame, at most
+    sink = ShardSink(config.output, metadata_, run_id, config.frames_per_shard, int(config.shard_mb * 2**20), views)
     if rows:
         _ensure_ray(config)
         actors, gpus = _encoder_resources(config)
@@ -372,7 +420,7 @@ def _encode(config: EncodeConfig, listing: Listing, image_size: int, metadata_: 
         # that waits for a free CPU would keep every shard in memory until the end (nothing committed).
         build_dataset(rows, config, image_size, listing.filesystems, actors, gpus, decoders).write_datasink(
             sink, ray_remote_args={"num_cpus": 0})
-    return summarize_run(listing, rows, done, failed, sink.stats, time.time() - started), config
+    return summarize_run(listing, rows, state, sink.stats, time.time() - started), config
 
 
 def _log_listing(listing: Listing) -> None:
@@ -414,14 +462,14 @@ def _log_failures(output: str, before: set[str]) -> None:
         logger.warning("failed: %s", failure_line(failure))
 
 
-def summarize_run(listing: Listing, rows: list[dict], done: dict, failed: dict, stats: WriteStats,
+def summarize_run(listing: Listing, rows: list[dict], state: CommitState, stats: WriteStats,
                   wall_s: float) -> RunSummary:
     """Count each input once, by what the output holds for it now (earlier runs' commits included)."""
     inputs = listing.items
     touched = stats.encoded_videos | stats.failed_videos
-    with_tokens = set(done) | stats.encoded_videos
-    with_errors = set(failed) | stats.failed_videos
-    seen_before = {item.video_id for item in inputs} & (set(done) | set(failed))
+    with_tokens = set(state.frames) | stats.encoded_videos
+    with_errors = set(state.failed) | stats.failed_videos
+    seen_before = {item.video_id for item in inputs} & (set(state.frames) | set(state.failed))
     accounted = touched | seen_before
     missing = [row for row in rows if row["video_id"] not in accounted]
     for row in missing:
@@ -431,16 +479,16 @@ def summarize_run(listing: Listing, rows: list[dict], done: dict, failed: dict, 
         duplicates=len(listing.duplicates),
         listing_notes=len(listing.notes),
         skipped=len(seen_before - touched),
-        skipped_failed=len((seen_before - touched) & set(failed)),
+        skipped_failed=len((seen_before - touched) & set(state.failed)),
         encoded=len(touched - with_errors),
         partly_failed=len(touched & with_tokens & with_errors),
         failed=len(touched & with_errors - with_tokens),
         missing=len(missing),
-        frames=len(stats.frames),
+        frames=stats.frames,
         rows=stats.rows,
         error_rows=stats.error_rows,
         mean_tokens_per_row=stats.tokens / stats.rows if stats.rows else 0.0,
-        frames_per_s=len(stats.frames) / wall_s if wall_s else 0.0,
+        frames_per_s=stats.frames / wall_s if wall_s else 0.0,
         bytes_written=stats.bytes,
         wall_s=wall_s,
     )

@@ -20,13 +20,13 @@ import time
 
 import pyarrow.fs as pafs
 
-from pipeline.inputs import filesystem_and_path, is_local
+from pipeline.commit import publish
+from pipeline.inputs import filesystem_and_path, is_local, redact_credentials
 
 PROJECT_LOGGERS = ("pipeline", "operators")
 WORKER_LOGGER = "pipeline.workers"
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 SETTLE_S = 1.0  # how long a stopping run waits for the workers' last output (see `RunLog.settle`)
-TEMP_PREFIX = ".tmp-"  # files being written; a killed run's leftovers are removed by the next run
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _UTC = "%Y-%m-%dT%H:%M:%SZ"
 _TERMINAL_CODES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -84,9 +84,11 @@ def set_project_level(level: str) -> None:
 
 
 def location(output: str, relative: str) -> str:
-    """Where ``relative`` lies under the output, as a user names it: an absolute path, or a URI."""
+    """Where ``relative`` lies under the output, as a user names it: an absolute path, or a URI (with
+    its ``?options`` kept after the path, and credentials shown as ``***``)."""
     if "://" in output:
-        return f"{output.rstrip('/')}/{relative}"
+        base, mark, options = output.partition("?")
+        return redact_credentials(f"{base.rstrip('/')}/{relative}{mark}{options}")
     return os.path.join(os.path.abspath(output), relative)
 
 
@@ -217,8 +219,7 @@ class RunLog:
 def write_run_record(output: str, run_id: str, record: dict) -> str:
     """Write ``record`` as ``OUT/runs/<run-id>.json`` and copy it to ``OUT/manifest.json`` (the newest run).
 
-    Each file is written under a temporary name and renamed into place, so a reader never sees half of
-    one. A ``manifest.json`` from before runs were recorded (one without a ``run_id``, or not readable
+    Each file is published whole (`pipeline.commit.publish`), so a reader never sees half of one. A ``manifest.json`` from before runs were recorded (one without a ``run_id``, or not readable
     as a record) is first kept as ``runs/<its finished_at as a run id>-legacy.json``, which sorts among
     the run records by time. Returns where the record is, as a user names it.
 
@@ -239,10 +240,10 @@ def write_run_record(output: str, run_id: str, record: dict) -> str:
         if not isinstance(finished, dict) or "run_id" not in finished:
             when = _parse_utc(finished.get("finished_at")) if isinstance(finished, dict) else None
             when = when if when is not None else (info.mtime.timestamp() if info.mtime else 0.0)
-            _write_atomically(fs, f"{root}/runs/{_id_stamp(when)}-legacy.json", previous)
+            publish(fs, f"{root}/runs/{_id_stamp(when)}-legacy.json", previous)
     data = json.dumps(record, indent=2, default=str).encode()
-    _write_atomically(fs, f"{root}/runs/{run_id}.json", data)
-    _write_atomically(fs, manifest, data)
+    publish(fs, f"{root}/runs/{run_id}.json", data)
+    publish(fs, manifest, data)
     return location(output, f"runs/{run_id}.json")
 
 
@@ -252,10 +253,3 @@ def _parse_utc(text) -> float | None:
         return calendar.timegm(time.strptime(text, _UTC))
     except (TypeError, ValueError):
         return None
-
-
-def _write_atomically(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    temporary = f"{os.path.dirname(path)}/{TEMP_PREFIX}{secrets.token_hex(8)}-{os.path.basename(path)}"
-    with fs.open_output_stream(temporary) as stream:
-        stream.write(data)
-    fs.move(temporary, path)

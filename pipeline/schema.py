@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-SCHEMA_VERSION = "2"  # 2: source_info
+SCHEMA_VERSION = "3"  # 2: source_info; 3: whole frames per shard, committed through OUT/index/
 METADATA_KEY = b"video_token_cache"  # file-level key holding the JSON metadata of a shard
 
 
@@ -71,50 +71,70 @@ ERROR_SCHEMA = pa.schema(
 
 ERROR_COLUMNS = [("error_type", pa.string()), ("error_message", pa.string()), ("failed_frames", pa.list_(pa.int32()))]
 
+# Columns with one value per view (the global view, then the AnyRes tiles); the others are per frame.
+VIEW_COLUMNS = ("tile_index", "num_tokens", "tokens", "positions", "scores")
+
 
 def encoded_schema(shard: pa.Schema) -> pa.Schema:
-    """What encoder actors emit: shard rows (error columns null) and failure rows (token columns null)."""
-    schema = shard
-    for name, type_ in ERROR_COLUMNS:
-        schema = schema.append(pa.field(name, type_))
-    return schema
+    """What encoder actors emit: **one row per frame**, its views' values in lists (`VIEW_COLUMNS`), so
+    that Ray Data, which cuts blocks only between rows, can never put one frame's views into two shard
+    files. Failure rows have the token columns null and the error columns set."""
+    fields = [pa.field(f.name, pa.list_(f.type)) if f.name in VIEW_COLUMNS else f for f in shard]
+    return pa.schema(fields + [pa.field(name, type_) for name, type_ in ERROR_COLUMNS])
 
 
-def with_error_columns(shard: pa.Table) -> pa.Table:
-    for name, type_ in ERROR_COLUMNS:
-        shard = shard.append_column(name, pa.nulls(len(shard), type_))
-    return shard
-
-
-def failure_table(rows: dict[str, np.ndarray], shard: pa.Schema) -> pa.Table:
+def failure_table(rows: dict[str, np.ndarray], encoded: pa.Schema) -> pa.Table:
     """Failure rows (``video_id``, ``source_path`` and the error columns) in the encoded schema."""
     count = len(rows["video_id"])
-    columns = {name: pa.nulls(count, shard.field(name).type) for name in shard.names}
+    columns = {name: pa.nulls(count, encoded.field(name).type) for name in encoded.names}
     columns["video_id"] = pa.array(rows["video_id"], pa.string())
     columns["source_path"] = pa.array(rows["source_path"], pa.string())
     columns["error_type"] = pa.array(rows["error_type"], pa.string())
     columns["error_message"] = pa.array(rows["error_message"], pa.string())
     columns["failed_frames"] = pa.array([[int(i) for i in f] for f in rows["failed_frames"]], pa.list_(pa.int32()))
-    return pa.Table.from_pydict(columns, schema=encoded_schema(shard))
+    return pa.Table.from_pydict(columns, schema=encoded)
 
 
 def split_encoded(table: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """(shard rows in the shard schema, error rows in `ERROR_SCHEMA`) of an encoded table."""
+    """(frame rows without the error columns, error rows in `ERROR_SCHEMA`) of an encoded table."""
     failed = table.column("error_type").is_valid()
-    shard = table.filter(pc.invert(failed)).drop_columns([name for name, _ in ERROR_COLUMNS])
+    frames = table.filter(pc.invert(failed)).drop_columns([name for name, _ in ERROR_COLUMNS])
     errors = table.filter(failed)
     errors = pa.Table.from_arrays(
         [errors["video_id"], errors["source_path"], errors["error_type"], errors["error_message"], errors["failed_frames"]],
         schema=ERROR_SCHEMA,
     )
-    return shard, errors
+    return frames, errors
 
 
-def ragged(flat: np.ndarray, counts: np.ndarray, item_type: pa.DataType) -> pa.ListArray:
-    """``list<item_type>`` whose row i holds the next ``counts[i]`` items of ``flat`` (1-D, or ``[n, C]``
-    for ``fixed_size_list`` items such as the tokens), built from offsets without a Python loop."""
+def frame_token_counts(frames: pa.Table) -> np.ndarray:
+    """``[F]`` int64: tokens of all views of each frame row."""
+    per_view = pc.list_flatten(frames["num_tokens"]).to_numpy()
+    parents = pc.list_parent_indices(frames["num_tokens"]).to_numpy()
+    return np.bincount(parents, weights=per_view, minlength=frames.num_rows).astype(np.int64)
+
+
+def views_of(frames: pa.Table, shard: pa.Schema) -> pa.Table:
+    """Frame rows (views in lists) → shard rows, one per view, in the frames' order then the views' order."""
+    parents = pc.list_parent_indices(frames["tile_index"])
+    columns = [pc.list_flatten(frames[name]) if name in VIEW_COLUMNS else frames[name].take(parents)
+               for name in shard.names]
+    return pa.Table.from_arrays(columns, schema=shard)
+
+
+def expected_tiles(grid_rows: int, grid_cols: int, anyres: bool) -> list[int]:
+    """The ``tile_index`` values a complete frame has: -1 (the global view), then 0..rows·cols-1 when tiled."""
+    return [-1, *range(grid_rows * grid_cols)] if anyres else [-1]
+
+
+def ragged(flat: np.ndarray | pa.Array, counts: np.ndarray, item_type: pa.DataType) -> pa.ListArray:
+    """``list<item_type>`` whose row i holds the next ``counts[i]`` items of ``flat`` (an Arrow array,
+    a 1-D numpy array, or ``[n, C]`` for ``fixed_size_list`` items such as the tokens), built from
+    offsets without a Python loop."""
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-    if pa.types.is_fixed_size_list(item_type):
+    if isinstance(flat, pa.Array):
+        values = flat
+    elif pa.types.is_fixed_size_list(item_type):
         values = pa.FixedSizeListArray.from_arrays(
             pa.array(flat.reshape(-1), type=item_type.value_type), item_type.list_size
         )
@@ -131,3 +151,9 @@ def file_metadata(run_metadata: dict) -> dict[bytes, bytes]:
 def read_file_metadata(schema: pa.Schema) -> dict:
     raw = (schema.metadata or {}).get(METADATA_KEY)
     return json.loads(raw) if raw else {}
+
+
+def differing_settings(existing: dict, expected: dict) -> list[str]:
+    """The run-metadata keys (`file_metadata`) whose values differ between two files or runs, sorted:
+    tokens made with any difference must not share one output."""
+    return sorted(key for key in existing.keys() | expected.keys() if existing.get(key) != expected.get(key))

@@ -1,77 +1,95 @@
-"""Ray Datasink that commits Parquet shards and error rows atomically and idempotently.
+"""Ray Datasink that commits whole frames into Parquet shards, and error rows, atomically and idempotently.
 
-Each write task gets whole encoded blocks (a frame's views always travel in one block), splits them
-into token rows and failure rows, and writes each kind to a temporary dot-file that it then renames
-into place: a reader never sees a half-written file, and readers that follow the usual convention
-(pyarrow, Ray Data, DuckDB, pandas) skip dot-files. File names are a hash of the rows' keys, so a
-write task that Ray retries replaces its own file instead of adding a duplicate.
+Each write task gets whole encoded blocks. A block row is a frame with all its views
+(`pipeline.schema.encoded_schema`), and Ray Data cuts blocks only between rows, so a frame never lands
+in two write tasks. The task sorts its frames by key, cuts them into shards of at most ``shard_bytes``
+of tokens (never inside a frame), and commits each through the index (`pipeline.commit.commit_shard`);
+its error rows go to one error file. File names are a hash of the rows' keys, so a write task that Ray
+retries replaces its own files instead of adding duplicates.
 """
 
 from __future__ import annotations
 
-import hashlib
-import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 from ray.data import Datasink
 from ray.data.block import Block
 from ray.data.datasource.datasink import WriteResult
 
+from pipeline.commit import commit_errors, commit_shard, incomplete_frames
 from pipeline.inputs import filesystem_and_path
-from pipeline.runlog import TEMP_PREFIX
-from pipeline.schema import file_metadata, split_encoded
-
-# Shard rows are sorted by key and cut into row groups this small, so a reader that wants one video
-# reads the few row groups holding it, not the whole file.
-ROW_GROUP_ROWS = 64
-KEY_COLUMNS = ["video_id", "frame_index", "tile_index"]
+from pipeline.lease import check_held
+from pipeline.schema import frame_token_counts, shard_schema, split_encoded, views_of
 
 
 @dataclass
 class WriteStats:
-    """What one or all write tasks committed."""
+    """What one or all write tasks committed (counts, and the ids of the videos touched: per input, not per row)."""
 
     rows: int = 0
+    frames: int = 0
     tokens: int = 0
     error_rows: int = 0
     bytes: int = 0
     files: int = 0
-    frames: set[tuple[str, int]] = field(default_factory=set)
     encoded_videos: set[str] = field(default_factory=set)
     failed_videos: set[str] = field(default_factory=set)
 
     def add(self, other: "WriteStats") -> None:
         self.rows += other.rows
+        self.frames += other.frames
         self.tokens += other.tokens
         self.error_rows += other.error_rows
         self.bytes += other.bytes
         self.files += other.files
-        self.frames |= other.frames
         self.encoded_videos |= other.encoded_videos
         self.failed_videos |= other.failed_videos
 
 
 class ShardSink(Datasink[WriteStats]):
-    """Writes ``OUT/shards/*.parquet`` (zstd) and ``OUT/errors/*.parquet``, both with the run metadata."""
+    """Writes ``OUT/shards/*.parquet`` (zstd) with ``OUT/index/`` entries, and ``OUT/errors/*.parquet``,
+    all with the run metadata.
 
-    def __init__(self, output: str, run_metadata: dict, rows_per_shard: int) -> None:
+    Args:
+        output: the output directory or URI.
+        run_metadata: what every file records (`pipeline.run.run_metadata`).
+        run_id: the run whose lease (`pipeline.lease`) must still be held for a shard to be committed.
+        frames_per_shard: most frames per shard file.
+        shard_bytes: most token bytes per shard file (a frame larger than that gets a file of its own).
+        max_views: most views a frame has (1, or 1 + the most AnyRes tiles).
+    """
+
+    def __init__(self, output: str, run_metadata: dict, run_id: str, frames_per_shard: int, shard_bytes: int,
+                 max_views: int) -> None:
         self.output = output
         self.run_metadata = run_metadata
-        self.rows_per_shard = rows_per_shard
+        self.run_id = run_id
+        self.frames_per_shard = frames_per_shard
+        self.shard_bytes = shard_bytes
+        self.max_views = max_views
+        self.schema = shard_schema(int(run_metadata["hidden_size"]))
         self.stats = WriteStats()
 
     @property
     def min_rows_per_write(self) -> int:
-        return self.rows_per_shard
+        """Frames Ray gathers before it calls a write task: ``frames_per_shard``, but no more than fit in
+        ``shard_bytes`` at the largest a frame can be (every view with the fixed budget, or every patch,
+        plus the extra token), so a write task's memory is bounded whatever the reduction keeps."""
+        rows, cols = self.run_metadata["patch_grid"]
+        budget = self.run_metadata["method_params"]["budget"]
+        tokens_per_view = (budget if budget is not None else rows * cols) + 1
+        largest = self.max_views * tokens_per_view * self._bytes_per_token()
+        return max(1, min(self.frames_per_shard, self.shard_bytes // largest))
+
+    def _bytes_per_token(self) -> int:
+        return self.schema.field("tokens").type.value_type.list_size * 2 + 2 + 4  # fp16 values, int16 position, fp32 score
 
     def on_write_start(self, schema: pa.Schema | None = None) -> None:
         fs, root = filesystem_and_path(self.output)
-        for sub in ("shards", "errors"):
+        for sub in ("shards", "index", "errors"):
             fs.create_dir(f"{root}/{sub}", recursive=True)
 
     def write(self, blocks: Iterable[Block], ctx) -> WriteStats:
@@ -79,55 +97,43 @@ class ShardSink(Datasink[WriteStats]):
         stats = WriteStats()
         if not tables:
             return stats
-        shard, errors = split_encoded(pa.concat_tables(tables))
+        frames, errors = split_encoded(pa.concat_tables(tables))
         fs, root = filesystem_and_path(self.output)
-        if shard.num_rows:
-            shard = shard.replace_schema_metadata(file_metadata(self.run_metadata))
-            shard = shard.sort_by([(name, "ascending") for name in KEY_COLUMNS])
-            stats.bytes += _commit(fs, f"{root}/shards", shard, KEY_COLUMNS)
+        anyres = bool(self.run_metadata["preprocessing"]["anyres"])
+        frames = frames.sort_by([("video_id", "ascending"), ("frame_index", "ascending")])
+        for chunk in self._shards(frames):
+            shard = views_of(chunk, self.schema)
+            problems = incomplete_frames(shard, anyres)
+            if problems:  # the encoder emits every view of a frame in its row: a fault of ours
+                raise RuntimeError(f"refusing to commit frames without all their views: {problems[:3]}")
+            commit = commit_shard(fs, root, shard, self.run_metadata, partial(check_held, fs, root, self.run_id))
+            stats.bytes += commit.bytes
             stats.files += 1
-            stats.rows = shard.num_rows
-            stats.tokens = pc.sum(shard["num_tokens"]).as_py()
-            stats.frames = set(zip(shard["video_id"].to_pylist(), shard["frame_index"].to_pylist()))
-            stats.encoded_videos = set(shard["video_id"].to_pylist())
+            stats.rows += shard.num_rows
+            stats.frames += chunk.num_rows
+            stats.tokens += int(sum(commit.index["tokens"].to_pylist()))
+            stats.encoded_videos.update(commit.index["video_id"].to_pylist())
         if errors.num_rows:
-            errors = errors.replace_schema_metadata(file_metadata(self.run_metadata))
-            stats.bytes += _commit(fs, f"{root}/errors", errors, ["video_id", "frame_indices"])
+            stats.bytes += commit_errors(fs, root, errors, self.run_metadata)
             stats.files += 1
             stats.error_rows = errors.num_rows
             stats.failed_videos = set(errors["video_id"].to_pylist())
         return stats
 
+    def _shards(self, frames: pa.Table) -> Iterator[pa.Table]:
+        """Consecutive runs of ``frames``, each of at most ``frames_per_shard`` frames and ``shard_bytes``
+        token bytes (a larger frame alone)."""
+        sizes = frame_token_counts(frames) * self._bytes_per_token()
+        start, total = 0, 0
+        for i, size in enumerate(sizes.tolist()):
+            if i > start and (total + size > self.shard_bytes or i - start == self.frames_per_shard):
+                yield frames.slice(start, i - start)
+                start, total = i, 0
+            total += size
+        if start < frames.num_rows:
+            yield frames.slice(start)
+
     def on_write_complete(self, write_result: WriteResult[WriteStats]) -> None:
         for stats in write_result.write_returns:
             self.stats.add(stats)
 
-
-def _commit(fs: pafs.FileSystem, directory: str, table: pa.Table, key_columns: list[str]) -> int:
-    """Write ``table`` under a temporary dot-name, then rename it to a name derived from its keys."""
-    digest = hashlib.sha1()
-    for name in key_columns:
-        digest.update(repr(table[name].to_pylist()).encode())
-    final = f"{directory}/part-{digest.hexdigest()[:20]}.parquet"
-    temporary = f"{directory}/{TEMP_PREFIX}{uuid.uuid4().hex}.parquet"
-    pq.write_table(
-        table, temporary, filesystem=fs, compression="zstd", row_group_size=ROW_GROUP_ROWS,
-        write_statistics=[name for name in KEY_COLUMNS if name in table.column_names],
-    )
-    fs.move(temporary, final)
-    return fs.get_file_info(final).size
-
-
-def remove_stale_temporaries(output: str) -> int:
-    """Delete temporary files a killed run left behind in the output and its shards/, errors/ and runs/
-    (only one job may write an output at a time)."""
-    fs, root = filesystem_and_path(output)
-    removed = 0
-    for directory in (root, f"{root}/shards", f"{root}/errors", f"{root}/runs"):
-        if fs.get_file_info(directory).type != pafs.FileType.Directory:
-            continue
-        for info in fs.get_file_info(pafs.FileSelector(directory)):
-            if info.base_name.startswith(TEMP_PREFIX):
-                fs.delete_file(info.path)
-                removed += 1
-    return removed

@@ -33,7 +33,7 @@ from operators.prumerge import prumerge
 from pipeline.child import ChildFailed, ChildProcess
 from pipeline.config import EncodeConfig
 from pipeline.inputs import local_file
-from pipeline.schema import encoded_schema, failure_table, ragged, shard_schema, source_info_array, with_error_columns
+from pipeline.schema import encoded_schema, failure_table, ragged, shard_schema, source_info_array
 
 NO_ERROR = {"error_type": "", "error_message": "", "failed_frames": []}
 
@@ -163,22 +163,24 @@ class EncodeTokens:
             device=device,
             dtype=getattr(torch, config.dtype) if config.dtype else None,
             cls_attention=config.cls_attention,
+            revision=config.model_revision,
         )
         self.preprocessing = Preprocessing(mode=config.preprocess, image_size=self.encoder.image_size)
-        self.schema = shard_schema(self.encoder.hidden_size)
+        self.schema = encoded_schema(shard_schema(self.encoder.hidden_size))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        """Frame rows → one row per view (tokens set) plus one row per failure (error columns set)."""
+        """Frame rows → one row per frame (its views' tokens in lists) plus one row per failure (error
+        columns set); see `pipeline.schema.encoded_schema`."""
         failed = np.array([bool(t) for t in batch["error_type"]], dtype=bool)
         tables = [self._encode({key: values[~failed] for key, values in batch.items()})] if (~failed).any() else []
         if failed.any():
             tables.append(failure_table({key: values[failed] for key, values in batch.items()}, self.schema))
-        return pa.concat_tables(tables) if tables else encoded_schema(self.schema).empty_table()
+        return pa.concat_tables(tables) if tables else self.schema.empty_table()
 
     @torch.inference_mode()
     def _encode(self, frames: dict[str, np.ndarray]) -> pa.Table:
         views = [np.asarray(pixels) for pixels in frames["pixels"]]  # each [T_i, S, S, 3] uint8
-        counts = [len(v) for v in views]
+        counts = np.array([len(v) for v in views])
         images = torch.from_numpy(np.concatenate(views))  # [sum T, S, S, 3] uint8
         if self.encoder.device.type == "cuda":
             images = images.pin_memory()
@@ -189,29 +191,29 @@ class EncodeTokens:
             mode=self.config.method, budget=self.config.budget, k_neighbors=self.config.k_neighbors,
         )
         # One device-to-host copy per column for the whole batch.
-        num_tokens = np.array(reduced.num_tokens)
+        num_tokens = np.array(reduced.num_tokens)  # [sum T]
         tokens = torch.cat(reduced.tokens).to(torch.float16).cpu().numpy()  # [sum n_i, C]
         positions = torch.cat(reduced.positions).cpu().numpy().astype(np.int16)  # [sum n_i]
         scores = torch.cat(reduced.scores).cpu().numpy()  # [sum n_i]
 
-        def per_view(column: str) -> np.ndarray:
-            return np.repeat(frames[column], counts)
+        def per_frame(view_values: pa.Array) -> pa.ListArray:
+            """Group the per-view values into one list per frame (``counts[i]`` views each)."""
+            return ragged(view_values, counts, view_values.type)
 
-        shard = pa.Table.from_arrays(
-            [
-                pa.array(per_view("video_id"), pa.string()),
-                pa.array(per_view("source_path"), pa.string()),
-                pa.array(per_view("frame_index"), pa.int32()),
-                pa.array(per_view("timestamp_s"), pa.float64()),
-                pa.array(np.concatenate([np.arange(-1, n - 1) for n in counts]), pa.int16()),
-                pa.array(per_view("grid_rows"), pa.int16()),
-                pa.array(per_view("grid_cols"), pa.int16()),
-                pa.array(num_tokens, pa.int32()),
-                ragged(tokens, num_tokens, self.schema.field("tokens").type.value_type),
-                ragged(positions, num_tokens, pa.int16()),
-                ragged(scores, num_tokens, pa.float32()),
-                source_info_array([json.loads(info) for info in per_view("source_info")]),
-            ],
-            schema=self.schema,
-        )
-        return with_error_columns(shard)
+        columns = {
+            "video_id": pa.array(frames["video_id"], pa.string()),
+            "source_path": pa.array(frames["source_path"], pa.string()),
+            "frame_index": pa.array(frames["frame_index"], pa.int32()),
+            "timestamp_s": pa.array(frames["timestamp_s"], pa.float64()),
+            "tile_index": per_frame(pa.array(np.concatenate([np.arange(-1, n - 1) for n in counts]), pa.int16())),
+            "grid_rows": pa.array(frames["grid_rows"], pa.int16()),
+            "grid_cols": pa.array(frames["grid_cols"], pa.int16()),
+            "num_tokens": per_frame(pa.array(num_tokens, pa.int32())),
+            "tokens": per_frame(ragged(tokens, num_tokens, self.schema.field("tokens").type.value_type.value_type)),
+            "positions": per_frame(ragged(positions, num_tokens, pa.int16())),
+            "scores": per_frame(ragged(scores, num_tokens, pa.float32())),
+            "source_info": source_info_array([json.loads(info) for info in frames["source_info"]]),
+        }
+        nulls = {name: pa.nulls(len(counts), type_) for name, type_ in
+                 ((f.name, f.type) for f in self.schema) if name not in columns}
+        return pa.Table.from_pydict({**columns, **nulls}, schema=self.schema)

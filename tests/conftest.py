@@ -58,11 +58,11 @@ def ray_local():
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """A local S3 server (moto's server mode) on 127.0.0.1; yields its ``host:port``."""
+    """A local S3 server (moto's, see `s3_server.py`) on 127.0.0.1; yields its ``host:port``."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+    server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("s3_server.py")), "127.0.0.1", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60

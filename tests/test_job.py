@@ -103,7 +103,7 @@ def test_every_input_lands_in_shards_or_errors(tmp_path, tiny_clip_dir, ray_loca
     assert parquet.schema_arrow.remove_metadata() == shard_schema(32)
     assert parquet.metadata.row_group(0).column(0).compression == "ZSTD"
     meta = read_file_metadata(parquet.schema_arrow)
-    assert meta["schema_version"] == "2" and meta["model"] == str(tiny_clip_dir) and meta["media"] == "video"
+    assert meta["schema_version"] == "3" and meta["model"] == str(tiny_clip_dir) and meta["media"] == "video"
     assert (meta["layer"], meta["method"], meta["hidden_size"], meta["patch_grid"]) == (-2, "prumerge", 32, [24, 24])
     assert pq.read_schema(next((output / "errors").glob("*.parquet"))).remove_metadata() == ERROR_SCHEMA
 
@@ -125,12 +125,12 @@ def test_every_input_lands_in_shards_or_errors(tmp_path, tiny_clip_dir, ray_loca
 def test_kill_9_then_rerun_is_exactly_once_and_deterministic(tmp_path, tiny_clip_dir, ray_local):
     names = ["nasa_13013.mp4", "flipping_a_pancake.mkv", "bt709_full_range.mp4", "h265_video.mp4"]
     inputs = make_video_inputs(tmp_path / "in", names)
-    flags = ["--fps", "2", "--batch-size", "2", "--rows-per-shard", "2"]
+    flags = ["--fps", "2", "--batch-size", "2", "--frames-per-shard", "2"]
 
     # Reference: one uninterrupted run in this process.
     reference = tmp_path / "reference"
     run(EncodeConfig(input=str(inputs), output=str(reference), model=str(tiny_clip_dir), num_frames=None, fps=2.0,
-                     batch_size=2, rows_per_shard=2))
+                     batch_size=2, frames_per_shard=2))
 
     output = tmp_path / "out"
     job = subprocess.Popen(job_command(inputs, output, tiny_clip_dir, *flags), start_new_session=True,
@@ -330,11 +330,11 @@ def test_an_interrupted_run_logs_the_failures_it_committed_and_records_itself(tm
     interrupted, and every error row committed so far is named in the log with its reason, which keeps
     INFO lines even though the console was asked for warnings only."""
     inputs = make_video_inputs(tmp_path / "in", ["nasa_13013.mp4", "flipping_a_pancake.mkv"])
-    for i in range(4):
-        (inputs / f"junk{i}.mp4").write_text("not a video\n")
+    for i in range(4):  # listed first: their error rows are committed while the videos are still being encoded
+        (inputs / f"0-junk{i}.mp4").write_text("not a video\n")
     output = tmp_path / "out"
     job = subprocess.Popen(job_command(inputs, output, tiny_clip_dir, "--fps", "4",
-                                       "--batch-size", "2", "--rows-per-shard", "1", "--log-level", "WARNING"),
+                                       "--batch-size", "2", "--frames-per-shard", "1", "--log-level", "WARNING"),
                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and not list((output / "errors").glob("part-*.parquet")) and job.poll() is None:
@@ -373,7 +373,8 @@ def test_runs_that_cannot_start_write_nothing_and_a_started_run_is_recorded_at_o
         with pytest.raises(RunSetupError, match=reason):
             run(EncodeConfig(input=str(source), output=str(output), model=str(tiny_clip_dir), num_frames=2))
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
-    assert sorted(p.name for p in blocked.iterdir()) == ["logs", "runs"]  # runs/ is still the file
+    assert sorted(p.name for p in blocked.iterdir()) == ["lease", "logs", "runs"]  # runs/ is still the file
+    assert not list((blocked / "lease").iterdir()), "the lease was given back"
     assert [p.stat().st_size for p in (blocked / "logs").iterdir()] == [0], "at most an empty log is left"
     result = subprocess.run(job_command(empty, tmp_path / "o3", tiny_clip_dir), capture_output=True, text=True,
                             timeout=120)
@@ -426,7 +427,7 @@ def test_a_hanging_input_becomes_an_error_row_within_the_limit(tmp_path, tiny_cl
     # 60 s: the encoder actor must start (a fresh worker importing torch, up to ~30 s on a loaded 2-core
     # machine) and commit the other input before the hung decoder is stopped.
     summary = run(EncodeConfig(input=str(listing), output=str(output), model=str(tiny_clip_dir), num_frames=2,
-                               decode_timeout_s=60, rows_per_shard=1, batch_size=2))
+                               decode_timeout_s=60, frames_per_shard=1, batch_size=2))
     finished = time.monotonic()
     watcher.join()
     assert finished - started < 180

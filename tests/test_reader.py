@@ -29,7 +29,7 @@ from pipeline.report import failure_line, summarize
 from pipeline.run import run
 from pipeline.schema import METADATA_KEY, file_metadata, read_file_metadata
 from pipeline.sequence import SequenceLayout, llava_sequence
-from pipeline.sink import ROW_GROUP_ROWS
+from pipeline.commit import ROW_GROUP_ROWS, index_entries, row_group_rows
 from media import VIDEOS, decode_frame, video
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def video_output(tmp_path_factory, tiny_clip_dir, ray_local) -> Path:
     context.target_max_block_size = 1_000_000  # about 3 decoded frames: a video's rows reach several write tasks
     try:
         run(EncodeConfig(input=str(inputs), output=str(output), model=str(tiny_clip_dir), num_frames=6,
-                         batch_size=2, rows_per_shard=3))
+                         batch_size=2, frames_per_shard=3))
     finally:
         context.target_max_block_size = block_size
     return output
@@ -141,6 +141,7 @@ def test_load_reads_only_the_row_groups_of_its_video(video_output, tmp_path):
     raw = raw_rows(video_output)
     metadata = pq.read_schema(next((video_output / "shards").glob("*.parquet"))).metadata
     pq.write_table(raw.replace_schema_metadata(metadata), out / "shards" / "all.parquet", row_group_size=2)
+    commit_by_hand(out / "shards" / "all.parquet")
     parquet = pq.ParquetFile(out / "shards" / "all.parquet")
     holding = {}
     for g in range(parquet.metadata.num_row_groups):
@@ -158,6 +159,16 @@ def test_load_reads_only_the_row_groups_of_its_video(video_output, tmp_path):
             reference.frames)
 
 
+def commit_by_hand(shard: Path) -> None:
+    """Write the index entries of a shard file made by hand (`pipeline.commit`'s format), committing it."""
+    parquet = pq.ParquetFile(shard)
+    table = parquet.read()
+    entries = index_entries(table, shard.name, shard.stat().st_size, row_group_rows(parquet.metadata))
+    (shard.parent.parent / "index").mkdir(exist_ok=True)
+    pq.write_table(entries.replace_schema_metadata(table.schema.metadata),
+                   shard.parent.parent / "index" / shard.name)
+
+
 def rewrite_metadata(path: Path, **changes) -> None:
     table = pq.read_table(path)
     metadata = read_file_metadata(table.schema)
@@ -168,8 +179,10 @@ def rewrite_metadata(path: Path, **changes) -> None:
 def test_mixed_models_or_methods_and_unknown_versions_are_refused(video_output, tmp_path):
     mixed = tmp_path / "mixed"
     shutil.copytree(video_output, mixed)
-    first = sorted((mixed / "shards").glob("*.parquet"))[0]
-    rewrite_metadata(first, method="prumerge+")
+    [index] = (mixed / "index").glob("*.parquet")  # a completed run merged its index into one file
+    other = index.with_name("run-other.parquet")
+    shutil.copy(index, other)
+    rewrite_metadata(other, method="prumerge+")
     with pytest.raises(MixedShardsError, match="different settings") as error:
         TokenReader(str(mixed))
     assert "'prumerge+'" in str(error.value) and "'prumerge'" in str(error.value)
@@ -177,7 +190,20 @@ def test_mixed_models_or_methods_and_unknown_versions_are_refused(video_output, 
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "different settings" in result.stderr
 
-    rewrite_metadata(first, method="prumerge", schema_version="99")
+    other.unlink()  # the index and a shard disagree: found when the shard is opened
+    shard = next((mixed / "shards").glob("*.parquet"))
+    rewrite_metadata(shard, layer=-3)
+    entries = pq.read_table(index)
+    sizes = [shard.stat().st_size if name == shard.name else size
+             for name, size in zip(entries["file"].to_pylist(), entries["file_bytes"].to_pylist())]
+    pq.write_table(entries.set_column(entries.column_names.index("file_bytes"), "file_bytes",
+                                      pa.array(sizes, pa.int64())), index)
+    reader = TokenReader(str(mixed))
+    video_id = pq.read_table(shard, columns=["video_id"])["video_id"][0].as_py()
+    with pytest.raises(MixedShardsError, match=r"other settings than its index records: \['layer'\]"):
+        reader.load(video_id)
+
+    rewrite_metadata(index, schema_version="99")
     with pytest.raises(ShardFormatError, match="schema version '99'"):
         TokenReader(str(mixed))
     with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path / 'nothing'} does not exist")):

@@ -1,0 +1,292 @@
+"""Commits at scale: whole frames per shard, the commit index, adoption after a crash between commits,
+damaged files, the output lease, pinned model revisions, and an object-store output (local S3 server)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from transformers import CLIPModel
+
+from pipeline.commit import DamagedOutputError
+from pipeline.config import EncodeConfig
+from pipeline.lease import LeaseLost, OutputLease, check_held
+from pipeline.reader import TokenReader
+from pipeline.run import RunFailed, RunSetupError, run
+from pipeline.schema import expected_tiles
+from media import decode_frame, video
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = [("video_id", "ascending"), ("frame_index", "ascending"), ("tile_index", "ascending")]
+CLIPS = ["h265_video.mp4", "video_0.mov", "nasa_13013.mp4"]
+
+
+def link_inputs(directory: Path, names=CLIPS) -> Path:
+    directory.mkdir(parents=True)
+    for name in names:
+        (directory / name).symlink_to(video(name))
+    return directory
+
+
+def shard_rows(output: Path) -> pa.Table:
+    return pads.dataset(output / "shards", format="parquet").to_table().sort_by(KEY)
+
+
+def job(inputs: Path, output: Path, model: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "jobs" / "encode_videos.py"), "--input", str(inputs),
+                           "--output", str(output), "--model", str(model), "--num-frames", "3", *extra],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_clip_dir, ray_local):
+    """Three clips, 3 frames each, one frame per shard file: (inputs, output)."""
+    inputs = link_inputs(tmp_path_factory.mktemp("commit") / "in")
+    output = tmp_path_factory.mktemp("commit") / "reference"
+    run(EncodeConfig(input=str(inputs), output=str(output), model=str(tiny_clip_dir), num_frames=3, batch_size=2,
+                     frames_per_shard=1))
+    return inputs, output
+
+
+def test_anyres_frames_are_never_split_whatever_the_batch_and_block_size(tmp_path, tiny_clip_dir, ray_local):
+    """Large batches, blocks Ray must cut (20 KB), shards cut by bytes (20 KB): every frame's views land in one
+    file, complete, and every image once."""
+    inputs = tmp_path / "images"
+    inputs.mkdir()
+    frame = decode_frame(video("bt709_full_range.mp4"))
+    for i in range(12):
+        Image.fromarray(np.roll(frame, 37 * i, axis=1)).save(inputs / f"image{i:02d}.png")
+    output = tmp_path / "out"
+    context = ray_local.data.DataContext.get_current()
+    block_size = context.target_max_block_size
+    context.target_max_block_size = 20_000
+    try:
+        summary = run(EncodeConfig(input=str(inputs), output=str(output), model=str(tiny_clip_dir), media="image",
+                                   anyres=True, method="fixed", budget=40, batch_size=12, frames_per_shard=64,
+                                   shard_mb=0.02))
+    finally:
+        context.target_max_block_size = block_size
+    assert summary.encoded == 12
+    files: dict[tuple[str, int], set[str]] = {}
+    tiles: dict[tuple[str, int], list[int]] = {}
+    grid = {}
+    for path in (output / "shards").glob("*.parquet"):
+        table = pq.read_table(path, columns=["video_id", "frame_index", "tile_index", "grid_rows", "grid_cols"])
+        for row in table.to_pylist():
+            key = (row["video_id"], row["frame_index"])
+            files.setdefault(key, set()).add(path.name)
+            tiles.setdefault(key, []).append(row["tile_index"])
+            grid[key] = (row["grid_rows"], row["grid_cols"])
+    assert len(files) == 12 and len(set().union(*files.values())) > 2, "several shard files"
+    assert all(len(names) == 1 for names in files.values()), "a frame's views in one file"
+    assert all(sorted(t) == expected_tiles(*grid[key], anyres=True) and grid[key] != (1, 1)
+               for key, t in tiles.items())
+    reader = TokenReader(str(output))
+    assert all(len(reader.load(v).frames[0].tiles) == 4 for v in reader.video_ids())
+
+
+def test_the_index_lets_a_reader_open_only_the_shards_of_its_videos(reference):
+    _, output = reference
+    reader = TokenReader(str(output))
+    assert reader.shards_opened == 0 and len(reader.files) == 9
+    [index] = (output / "index").glob("*.parquet")
+    assert index.name.startswith("run-"), "a completed run merges its index parts into one file"
+    video_id = reader.video_ids()[0]
+    reader.load(video_id)
+    assert reader.shards_opened == len({name for name, _ in reader.row_groups(video_id)}) == 3
+
+
+def drop_index_entries(output: Path, shard_name: str) -> None:
+    """What a writer killed between a shard and its index entry leaves: the shard, not named by the index."""
+    for index in (output / "index").glob("*.parquet"):
+        table = pq.read_table(index)
+        pq.write_table(table.filter(pc.not_equal(table["file"], shard_name)), index)
+
+
+def test_a_crash_between_shard_and_index_is_healed_by_the_next_run(reference, tmp_path, tiny_clip_dir):
+    inputs, original = reference
+    output = tmp_path / "out"
+    shutil.copytree(original, output)
+    shard = sorted((output / "shards").glob("*.parquet"))[0]
+    drop_index_entries(output, shard.name)
+    (output / "shards" / ".tmp-0123-part-x.parquet").write_bytes(b"PAR1 half written")
+    reader = TokenReader(str(output))
+    assert len(reader.files) == 8, "a shard the index does not name is not committed"
+
+    summary = run(EncodeConfig(input=str(inputs), output=str(output), model=str(tiny_clip_dir), num_frames=3))
+    assert (summary.rows, summary.skipped) == (0, 3), "adopted, not encoded again"
+    assert not list(output.rglob(".tmp-*"))
+    assert shard_rows(output).equals(shard_rows(original))
+    assert len(TokenReader(str(output)).files) == 9
+
+
+def test_an_uncommitted_shard_with_a_frame_missing_a_view_is_damaged_not_adopted(reference, tmp_path, tiny_clip_dir):
+    inputs, original = reference
+    output = tmp_path / "out"
+    shutil.copytree(original, output)
+    shard = sorted((output / "shards").glob("*.parquet"))[0]
+    drop_index_entries(output, shard.name)
+    table = pq.read_table(shard)
+    pq.write_table(pa.concat_tables([table, table]).replace_schema_metadata(table.schema.metadata), shard)
+    with pytest.raises(RunFailed) as failure:
+        run(EncodeConfig(input=str(inputs), output=str(output), model=str(tiny_clip_dir), num_frames=3))
+    assert isinstance(failure.value.__cause__, DamagedOutputError)
+    assert shard.name in str(failure.value.__cause__) and "lack views" in str(failure.value.__cause__)
+
+
+def test_a_truncated_shard_is_reported_by_name_and_can_be_set_aside(reference, tmp_path, tiny_clip_dir):
+    inputs, original = reference
+    output = tmp_path / "out"
+    shutil.copytree(original, output)
+    shard = sorted((output / "shards").glob("*.parquet"))[1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    video_id = pq.read_table(original / "shards" / shard.name, columns=["video_id"])["video_id"][0].as_py()
+
+    with pytest.raises(DamagedOutputError, match=f"{shard.name}: {len(data) // 2} bytes, committed with {len(data)}"):
+        TokenReader(str(output)).load(video_id)
+    result = job(inputs, output, tiny_clip_dir)
+    assert result.returncode == 4, result.stderr[-2000:]
+    assert f"shards/{shard.name}: {len(data) // 2} bytes, committed with {len(data)} bytes" in result.stderr
+    assert "--set-aside-damaged" in result.stderr
+    inspected = subprocess.run([sys.executable, str(ROOT / "jobs" / "inspect_shards.py"), str(output)],
+                               capture_output=True, text=True, timeout=120)
+    assert inspected.returncode == 4 and shard.name in inspected.stderr, inspected.stderr[-2000:]
+
+    result = job(inputs, output, tiny_clip_dir, "--set-aside-damaged")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (output / "damaged" / "shards" / shard.name).read_bytes() == data[: len(data) // 2]
+    assert "frames 1 (1 rows" in result.stdout, "only the set-aside frame is encoded again"
+    got, want = shard_rows(output), shard_rows(original)
+    assert got.drop_columns(["tokens", "scores"]).equals(want.drop_columns(["tokens", "scores"]))
+    np.testing.assert_allclose(pc.list_flatten(pc.list_flatten(got["tokens"])).to_numpy().astype(np.float32),
+                               pc.list_flatten(pc.list_flatten(want["tokens"])).to_numpy().astype(np.float32),
+                               atol=2e-3, rtol=2e-3)
+    TokenReader(str(output)).load(video_id)
+
+
+def test_a_second_job_on_a_held_output_is_refused_and_touches_nothing(tmp_path, tiny_clip_dir):
+    inputs = link_inputs(tmp_path / "in", CLIPS[:1])
+    output = tmp_path / "out"
+    with OutputLease(str(output), "20261129T000000.000Z-abcdef"):
+        result = job(inputs, output, tiny_clip_dir)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "is being written by another job: run 20261129T000000.000Z-abcdef" in result.stderr
+    assert f"pid {os.getpid()}" in result.stderr
+    assert sorted(p.name for p in output.iterdir()) == ["lease"] and not list((output / "lease").iterdir())
+
+
+def write_lease(output: Path, run_id: str, host: str, pid: int, age_s: float = 0.0) -> Path:
+    path = output / "lease" / f"{run_id}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"run_id": run_id, "host": host, "pid": pid, "started_at": "2026-11-29T00:00:00Z"}))
+    os.utime(path, (time.time() - age_s, time.time() - age_s))
+    return path
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def test_stale_leases_are_taken_over(tmp_path):
+    output = tmp_path / "out"
+    killed_here = write_lease(output, "killed-here", socket.gethostname(), dead_pid())
+    silent_elsewhere = write_lease(output, "silent-elsewhere", "another-host", 1234, age_s=3600)
+    with OutputLease(str(output), "mine") as lease:
+        assert {holder.run_id for holder in lease.taken_over} == {"killed-here", "silent-elsewhere"}
+        assert not killed_here.exists() and not silent_elsewhere.exists()
+    assert not list((output / "lease").iterdir())
+
+    live_elsewhere = write_lease(output, "live-elsewhere", "another-host", 1234, age_s=5)
+    with pytest.raises(Exception, match="live-elsewhere .*host another-host, pid 1234.*heartbeat 5 s ago"):
+        OutputLease(str(output), "mine").acquire()
+    assert [p.name for p in (output / "lease").iterdir()] == [live_elsewhere.name], "the refused job left nothing"
+
+
+def test_a_job_whose_lease_was_taken_over_stops_committing(tmp_path):
+    output = tmp_path / "out"
+    lease = OutputLease(str(output), "slow", heartbeat_s=0.05)
+    lease.acquire()
+    check_held(lease.fs, lease.root, "slow")
+    os.unlink(lease.path)  # another job found it stale and took over
+    with pytest.raises(LeaseLost, match="another job took its lease over"):
+        check_held(lease.fs, lease.root, "slow")
+    deadline = time.time() + 10
+    while not lease.lost and time.time() < deadline:
+        time.sleep(0.05)
+    assert lease.lost and not os.path.exists(lease.path), "the heartbeat does not bring a taken-over lease back"
+    lease.release()
+
+
+def test_revisions_of_a_model_are_not_mixed_in_one_output(tmp_path, tiny_clip_dir, ray_local):
+    """Retrained weights in the same folder are another revision (its content fingerprint): refused."""
+    inputs = link_inputs(tmp_path / "in", CLIPS[:1])
+    model = tmp_path / "model"
+    shutil.copytree(tiny_clip_dir, model)
+    output = tmp_path / "out"
+    run(EncodeConfig(input=str(inputs), output=str(output), model=str(model), num_frames=1))
+    first = TokenReader(str(output)).metadata["model_revision"]
+    assert first.startswith("sha256:") and json.loads((output / "manifest.json").read_text())["config"][
+        "model_revision"] == first
+    weights = CLIPModel.from_pretrained(model)
+    with torch.no_grad():
+        weights.vision_model.post_layernorm.weight.add_(1.0)
+    weights.save_pretrained(model)
+    with pytest.raises(RunSetupError, match=rf"model_revision: existing '{first}', this run 'sha256:[0-9a-f]{{64}}'"):
+        run(EncodeConfig(input=str(inputs), output=str(output), model=str(model), num_frames=1))
+    with pytest.raises(RunSetupError, match="differs from"):
+        run(EncodeConfig(input=str(inputs), output=str(output), model=str(model), model_revision=first, num_frames=1))
+
+
+def test_an_object_store_output_round_trips_through_a_local_s3_server(reference, tiny_clip_dir, s3_client):
+    inputs, original = reference
+    client, credentials, options = s3_client
+    client.create_bucket(Bucket="commits")
+    uri = f"s3://{credentials}commits/out?{options}"
+    summary = run(EncodeConfig(input=str(inputs), output=uri, model=str(tiny_clip_dir), num_frames=3,
+                               frames_per_shard=1))
+    assert summary.encoded == 3
+    keys = sorted(item["Key"] for item in client.list_objects_v2(Bucket="commits")["Contents"]
+                  if not item["Key"].endswith("/"))  # (folder markers)
+    assert not [key for key in keys if "/.tmp-" in key or key.startswith("out/lease/")], keys
+    assert len([key for key in keys if key.startswith("out/shards/")]) == 9
+    assert len([key for key in keys if key.startswith("out/index/")]) == 1, "parts merged into one index file"
+    record = json.loads(client.get_object(Bucket="commits", Key="out/manifest.json")["Body"].read())
+    assert record["log"] == f"s3://***@commits/out/logs/{record['run_id']}.log?{options}"
+
+    reader, local = TokenReader(uri), TokenReader(str(original))
+    assert sorted(reader.video_ids()) == sorted(local.video_ids())
+    for video_id in local.video_ids():
+        got, want = reader.load(video_id), local.load(video_id)
+        assert [f.frame_index for f in got.frames] == [f.frame_index for f in want.frames]
+        for a, b in zip(got.frames, want.frames):
+            torch.testing.assert_close(a.tokens.float(), b.tokens.float(), atol=2e-3, rtol=2e-3)
+
+    # a crash between a shard and its index entry, on the store: the next run adopts the shard
+    shard = next(key for key in keys if key.startswith("out/shards/"))
+    index_key = next(key for key in keys if key.startswith("out/index/"))
+    body = client.get_object(Bucket="commits", Key=index_key)["Body"].read()
+    table = pq.read_table(pa.BufferReader(body))
+    sink = pa.BufferOutputStream()
+    pq.write_table(table.filter(pc.not_equal(table["file"], shard.rsplit("/", 1)[1])), sink)
+    client.put_object(Bucket="commits", Key=index_key, Body=sink.getvalue().to_pybytes())
+    assert len(TokenReader(uri).files) == 8
+    again = run(EncodeConfig(input=str(inputs), output=uri, model=str(tiny_clip_dir), num_frames=3))
+    assert (again.rows, again.skipped) == (0, 3)
+    assert len(TokenReader(uri).files) == 9
