@@ -5,8 +5,9 @@ per row, one view per frame, rows sorted by key, whole frames per shard), commit
 `pipeline.commit.commit_shard` and merged with `merge_index_parts`, as the job's write tasks and
 driver do. Every measure runs in a fresh process, which first imports what it needs and runs the same
 code on a 20-video output (first-use costs); then its peak RSS is reset to its current RSS
-(``/proc/self/clear_refs``) and the measure's peak memory is ``ru_maxrss`` minus that baseline (the
-listed inputs, which the job's driver holds anyway, are in the baseline).
+(``/proc/self/clear_refs``) and the measure's peak memory is the peak RSS (``VmHWM``; ``ru_maxrss``
+would include this benchmark's own RSS, inherited over fork + exec) minus that baseline. The listed
+inputs, which the job's driver holds anyway, are in the baseline.
 
 1. Resume: the driver's start on an output of ``--videos`` videos × 20 frames (1 % of them with only
    their first 10 frames committed, as an interrupted run leaves them) in ~1,300 shard files:
@@ -33,7 +34,6 @@ import gc
 import json
 import os
 import pickle
-import resource
 import shutil
 import subprocess
 import sys
@@ -168,10 +168,6 @@ def make_output(output: Path, spec: dict, build) -> dict:
 # -- measures, each in a fresh process -------------------------------------------------------------
 
 
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def proc_mb(field: str) -> float:
     """``VmRSS`` or ``VmHWM`` of this process, MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -180,10 +176,16 @@ def proc_mb(field: str) -> float:
     return float("nan")
 
 
+def peak_mb() -> float:
+    """This process's peak RSS, MiB: ``VmHWM``, not ``ru_maxrss``, which Linux carries over ``execve``
+    from the process that forked it (a child of a parent holding 600 MiB reports >= 600 MiB)."""
+    return proc_mb("VmHWM")
+
+
 def start_peak() -> float:
-    """Reset this process's peak RSS to its current RSS (Linux: ``/proc/self/clear_refs``, which resets
-    ``ru_maxrss`` too, so transients of the imports do not hide what follows); the baseline, MiB.
-    Where that is refused, the baseline is ``ru_maxrss`` as it is."""
+    """Reset this process's peak RSS to its current RSS (``/proc/self/clear_refs``), so that transients
+    of the imports do not hide what follows; the baseline, MiB. Where that is refused, the baseline is
+    the peak so far."""
     gc.collect()
     try:
         Path("/proc/self/clear_refs").write_text("5")
@@ -359,7 +361,14 @@ def measure_reader_main(output: str, video: str, warm_output: str, warm_video: s
     _reader_new(warm_output, warm_video)
     baseline = start_peak()
     result = _reader_new(output, video)
-    return {**result, "peak_mb": peak_mb() - baseline, "baseline_mb": baseline}
+    peak = peak_mb() - baseline
+    from pipeline.reader import TokenReader
+
+    blob = pickle.dumps(TokenReader(output))  # what a "spawn" DataLoader worker receives: the reader with its index
+    started = time.perf_counter()
+    pickle.loads(blob)
+    return {**result, "peak_mb": peak, "baseline_mb": baseline, "pickled_mb": len(blob) / 2**20,
+            "unpickle_s": time.perf_counter() - started}
 
 
 def _reader_old(output: str, video: str) -> dict:
@@ -561,7 +570,8 @@ def bench_resume(work: Path, size: dict, mode: str, warm: tuple[str, str, str]) 
     say(f"[{mode}] reader on the resume output ({reader['videos']:,} videos, {reader['files']:,} files): "
         f"TokenReader open {reader['open_s']:.2f} s, one load {reader['load_s'] * 1000:.0f} ms, peak "
         f"+{mib(reader['peak_mb'])} MiB (index table {reader['index_mb']:.1f} MiB), shards opened "
-        f"{reader['shards_opened']}; epoch order (TokenIterableDataset) {reader['epoch_order_s']:.2f} s")
+        f"{reader['shards_opened']}; epoch order (TokenIterableDataset) {reader['epoch_order_s']:.2f} s; pickled "
+        f"{reader['pickled_mb']:.1f} MiB, unpickled in {reader['unpickle_s'] * 1000:.0f} ms")
     return {"made": made, "new": new, "old": old, "reader": reader}
 
 
@@ -613,7 +623,8 @@ def bench_reader(work: Path, size: dict, mode: str, warm: tuple[str, str, str]) 
     main = child("reader-main", str(output), video, warm[0], warm[2])
     say(f"[{mode}] reader, index, main process: TokenReader open {main['open_s'] * 1000:.0f} ms, one load "
         f"{main['load_s'] * 1000:.0f} ms, peak +{mib(main['peak_mb'])} MiB, shard files opened "
-        f"{main['shards_opened']} of {main['files']:,}")
+        f"{main['shards_opened']} of {main['files']:,}; the reader pickles (to spawn workers) to "
+        f"{main['pickled_mb']:.1f} MiB, unpickled in {main['unpickle_s'] * 1000:.0f} ms")
     old = child("reader-old", str(output), video, warm[0], warm[2])
     say(f"[{mode}] reader, previous design (every footer, then every file's video_id column): open "
         f"{old['open_s']:.2f} s ({old['footers_s']:.2f} s footers + {old['index_s']:.2f} s video ids), one load "
