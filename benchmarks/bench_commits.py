@@ -224,7 +224,7 @@ def measure_resume_new(output: str, names_file: str, warm_output: str, warm_name
 
 
 def old_pending_rows(inputs, done: dict, failed: dict, sampled: dict) -> list[dict]:
-    """``pipeline.run.pending_rows`` before the commit index (commit aa0ff77), verbatim."""
+    """``pipeline.run.pending_rows`` before the commit index (as committed at aa0ff77; same logic)."""
     rows = []
     for item in inputs:
         whole_input_failed = item.video_id in failed and failed[item.video_id] is None
@@ -348,9 +348,7 @@ def _reader_new(output: str, video: str) -> dict:
     opened = time.perf_counter()
     tokens = reader.load(video).num_tokens
     loaded = time.perf_counter()
-    buckets: dict = {}
-    for video_id in reader.video_ids():  # `TokenIterableDataset.epoch_order`, which every worker computes
-        buckets.setdefault(reader.first_row_group(video_id), []).append(video_id)
+    reader.storage_groups()  # what `TokenIterableDataset.epoch_order`, which every worker computes, reads
     return {"open_s": opened - started, "load_s": loaded - opened, "epoch_order_s": time.perf_counter() - loaded,
             "videos": len(reader.video_ids()), "files": len(reader.files), "shards_opened": reader.shards_opened,
             "tokens": tokens, "index_mb": reader._index.entries.nbytes / 2**20}

@@ -131,10 +131,7 @@ class TokenIterableDataset(IterableDataset):
 
     def epoch_order(self) -> list[str]:
         """This epoch's video order over all ranks, before the split."""
-        buckets: dict[tuple[int, int], list[str]] = {}
-        for video_id in self.reader.video_ids():
-            buckets.setdefault(self.reader.first_row_group(video_id), []).append(video_id)
-        groups = list(buckets.values())
+        groups = [list(group) for group in self.reader.storage_groups()]
         if self.shuffle:
             rng = random.Random(f"{self.seed}-{self.epoch}")
             rng.shuffle(groups)

@@ -142,10 +142,9 @@ class TokenReader:
         self._index = index
         self.metadata: dict | None = index.metadata
         self._ids = _Strings(index.entries["video_id"])  # sorted: a video's entries are found by bisection
-        self._files = sorted(set(index.entries["file"].to_pylist()))
-        self._file_numbers = {name: number for number, name in enumerate(self._files)}
         self._sizes = dict(zip(index.entries["file"].to_pylist(), index.entries["file_bytes"].to_pylist()))
         self._order: list[str] | None = None
+        self._groups: list[list[str]] | None = None
         self._footers: dict[str, pq.FileMetaData] = {}
         self._cache: OrderedDict[tuple[str, int], pa.Table] = OrderedDict()
         self.row_groups_read = 0  # row groups read from storage so far (cache hits not counted)
@@ -158,7 +157,7 @@ class TokenReader:
     @property
     def files(self) -> list[str]:
         """The committed shard files, sorted."""
-        return [self._path(name) for name in self._files]
+        return [self._path(name) for name in sorted(self._sizes)]
 
     @property
     def shards_opened(self) -> int:
@@ -168,12 +167,25 @@ class TokenReader:
     def video_ids(self) -> list[str]:
         """Every video with tokens, in storage order (by file, then row group, then id)."""
         if self._order is None:
+            self._order = [video_id for group in self.storage_groups() for video_id in group]
+        return self._order
+
+    def storage_groups(self) -> list[list[str]]:
+        """The videos grouped by the (file, row group) their rows begin in, in storage order: the videos
+        of one group are read together. One pass over the index, computed once."""
+        if self._groups is None:
             entries = self._index.entries
             firsts = pa.table({"video_id": entries["video_id"], "file": entries["file"],
                                "group": pc.list_element(entries["row_groups"], 0)})
             firsts = firsts.sort_by([("file", "ascending"), ("group", "ascending"), ("video_id", "ascending")])
-            self._order = list(dict.fromkeys(firsts["video_id"].to_pylist()))
-        return self._order
+            groups: dict[tuple[str, int], list[str]] = {}
+            seen: set[str] = set()
+            for video_id, name, group in zip(*(firsts[c].to_pylist() for c in ("video_id", "file", "group"))):
+                if video_id not in seen:  # a video's first entry in storage order holds its first rows
+                    seen.add(video_id)
+                    groups.setdefault((name, group), []).append(video_id)
+            self._groups = list(groups.values())
+        return self._groups
 
     def __contains__(self, video_id: str) -> bool:
         start = bisect.bisect_left(self._ids, video_id)
@@ -185,11 +197,6 @@ class TokenReader:
     def row_groups(self, video_id: str) -> list[tuple[str, int]]:
         """The (file, row group) pairs holding ``video_id``'s rows: all that `load` reads."""
         return [(self._path(name), group) for name, group in self._locate(video_id)]
-
-    def first_row_group(self, video_id: str) -> tuple[int, int]:
-        """(file number, row group) where ``video_id``'s rows begin: videos sharing it are neighbours."""
-        name, group = self._locate(video_id)[0]
-        return self._file_numbers[name], group
 
     def __getstate__(self) -> dict:
         # DataLoader workers started with "spawn" get a copy: keep the index, drop footers and row groups.
