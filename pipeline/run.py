@@ -159,7 +159,9 @@ def _ensure_ray(config: EncodeConfig) -> None:
         # Workers' output (tracebacks, decoder messages) is streamed to this driver and its run log.
         from pipeline.embedded_ray import init_ray
 
-        init_ray(address=config.ray_address, log_to_driver=True)
+        # "local": a new Ray even when /tmp/ray names a cluster started by `ray start` (maybe long dead),
+        # which a bare ray.init() would try to join.
+        init_ray(address=config.ray_address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
 
 
 def _encoder_resources(config: EncodeConfig) -> tuple[int, float]:
@@ -209,8 +211,9 @@ def build_dataset(rows: list[dict], config: EncodeConfig, image_size: int, files
             .flat_map(
                 DecodeInputs,
                 fn_constructor_kwargs={"config": config, "image_size": image_size, "filesystems": filesystems},
-                # one input at a time per actor: inputs never queue behind one whose decoder hangs
-                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=decoders, max_tasks_in_flight_per_actor=1),
+                # one input at a time per actor: inputs never queue behind one whose decoder hangs. A fixed
+                # size: Ray (2.60) grows a pool only above 175 % use, which one task per actor never reaches.
+                compute=ray.data.ActorPoolStrategy(size=min(decoders, len(rows)), max_tasks_in_flight_per_actor=1),
                 num_cpus=1,
                 **retries,
             )

@@ -32,6 +32,7 @@ def ray_head(tmp_path_factory):
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--num-cpus=2",
+         f"--dashboard-agent-listen-port={free_port()}",  # not 52365, which another Ray here may hold
          "--include-dashboard=true", "--disable-usage-stats"],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )

@@ -5,16 +5,15 @@ A head (`ray start --head`, 1 CPU) and a second node (`ray start --address`, 1 C
 encoder actor each take 1 CPU, so they cannot share a node: the job must spread over both, which Ray's
 state API (``list_actors``/``list_tasks``, dead actors and finished tasks included) then shows.
 
-Why 1 + 1 CPUs and ``--num-decoders 1``: the decoder pool (``ActorPoolStrategy(min_size=1,
-max_size=N, max_tasks_in_flight_per_actor=1)``) never grows past one actor on Ray 2.60, whose
-autoscaler scales up only above 175 % utilisation (Ray Data warns "will not allow it to scale up"),
-so more decoders cannot be relied on to reach the second node; one decoder and one encoder on one CPU
-each can only be placed one per node.
+Why 1 + 1 CPUs and ``--num-decoders 1``: one decoder and one encoder on one CPU each can only be
+placed one per node, so where each lands proves nothing about scheduling luck.
 
-The cluster gets a temp dir of its own (so its ``ray_current_cluster`` file never makes a later
-``ray.init()`` join it) and ``PYTHONPATH`` set to this checkout (so its workers run this code whatever
-the editable install points at). Token authentication stays on, as Ray 2.60 sets it for a head: every
-process that talks to the cluster gets ``RAY_AUTH_MODE=token``.
+The cluster gets a Ray temp dir of its own (so its ``ray_current_cluster`` file never makes a later
+``ray.init()`` join it), and so does the embedded run (``RAY_TMPDIR``: a stale
+``/tmp/ray/ray_current_cluster`` would make its ``ray.init()`` try to join a dead cluster); both get
+``PYTHONPATH`` set to this checkout (so the workers run this code whatever the editable install points
+at). Token authentication stays on, as Ray 2.60 sets it for a head: every process that talks to the
+cluster gets ``RAY_AUTH_MODE=token``.
 """
 
 from __future__ import annotations
@@ -134,8 +133,8 @@ class Cluster:
 
 
 def kill_cluster(processes: list[subprocess.Popen], temp_dir: str) -> None:
-    """SIGKILL each `ray start` group, then any process still writing under the cluster's own temp dir (Ray
-    workers run in process groups of their own), bounded."""
+    """SIGKILL each `ray start` group, then any process still writing under the Ray temp dir ``temp_dir``, which
+    is this test's own (Ray workers run in process groups of their own), bounded."""
     from pipeline.embedded_ray import session_processes
 
     for process in processes:
@@ -205,9 +204,19 @@ def two_nodes(tmp_path_factory):
 
 
 def run_job(inputs: Path, output: Path, model: Path, env: dict[str, str], *extra: str) -> subprocess.CompletedProcess:
+    """The job in a process group of its own; one that outlives `JOB_LIMIT_S` is killed and fails the test with
+    what it printed."""
     command = [sys.executable, str(ROOT / "jobs" / "encode_videos.py"), "--input", str(inputs), "--output",
                str(output), "--model", str(model), "--num-frames", "3", "--num-decoders", "1", *extra]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=JOB_LIMIT_S)
+    job = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    try:
+        stdout, stderr = job.communicate(timeout=JOB_LIMIT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        stdout, stderr = job.communicate()
+        pytest.fail(f"the job did not end within {JOB_LIMIT_S} s: {command}\n{stdout[-3000:]}{stderr[-6000:]}")
+    return subprocess.CompletedProcess(command, job.returncode, stdout, stderr)
 
 
 def load(output: Path):
@@ -260,9 +269,16 @@ def test_job_on_two_nodes_uses_both_and_matches_the_embedded_run(two_nodes, tmp_
     job_ids = {a["job_id"] for stage in stages for a in actors[stage]} | {t["job_id"] for t in writes}
     assert len(job_ids) == 1, f"one driver's work: {job_ids}"
 
-    # The same inputs on an embedded Ray in a fresh process (no RAY_ADDRESS, nothing to join).
+    # The same inputs on an embedded Ray in a fresh process: no --ray-address, no RAY_ADDRESS, and a Ray temp dir
+    # of its own, so that no `ray_current_cluster` file left on this machine (a `ray start` head killed without
+    # `ray stop`) makes its `ray.init()` try to join a cluster instead.
+    embedded_temp = tempfile.mkdtemp(prefix="ray2e-", dir="/tmp")
     started = time.monotonic()
-    embedded = run_job(inputs, tmp_path / "embedded-out", tiny_clip_dir, project_env())
+    try:
+        embedded = run_job(inputs, tmp_path / "embedded-out", tiny_clip_dir, project_env(RAY_TMPDIR=embedded_temp))
+    finally:
+        kill_cluster([], embedded_temp)  # nothing, unless the embedded Ray's watchdog missed something
+        shutil.rmtree(embedded_temp, ignore_errors=True)
     embedded_s = time.monotonic() - started
     report = embedded.stdout[-4000:] + embedded.stderr[-6000:]
     assert embedded.returncode == 0, report
