@@ -66,11 +66,11 @@ def main(media: str, description: str, defaults: dict | None = None) -> int:
     except RunSetupError as error:  # a missing input, an unwritable output, settings that clash: nothing written
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except RunFailed as error:  # its traceback is already on the console and in the run's log
-        print(f"error: {error}", file=sys.stderr)
+    except RunFailed as error:  # its traceback (if it is a fault) is already on the console and in the run's log
         if isinstance(error.__cause__, DamagedOutputError):
-            print(f"error: {error.__cause__}", file=sys.stderr)
+            print(f"error: {error.__cause__}\n(run {error.run_id}, log {error.log})", file=sys.stderr)
             return EXIT_DAMAGED
+        print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # recorded as interrupted
         print("interrupted", file=sys.stderr)

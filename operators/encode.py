@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,10 @@ DEFAULT_MODEL = "openai/clip-vit-large-patch14-336"
 ClsAttention = Literal["full_width", "head_mean"]
 
 FINGERPRINT_PREFIX = "sha256:"  # a local checkpoint folder's revision: "sha256:" + 64 hex digits
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
+# What transformers loads a tower from: its config and weights (single or sharded, with their index);
+# not other files a checkpoint folder may hold (training_args.bin, optimizer states, READMEs).
+FINGERPRINTED = re.compile(r"config\.json|model(-\d+-of-\d+)?\.safetensors(\.index\.json)?|"
+                           r"pytorch_model(-\d+-of-\d+)?\.bin(\.index\.json)?")
 
 T = TypeVar("T")
 
@@ -54,7 +58,8 @@ def resolve_revision(model_name_or_path: str, revision: str | None = None) -> st
       (default: the default branch; else a branch, tag or commit), found in the local hub cache first,
       then on the hub, as `_from_pretrained` does.
     - A local directory: ``"sha256:<64 hex>"``, a fingerprint of the files that define the tower: each
-      ``config.json``, ``*.safetensors`` and ``*.bin`` file in it, by name and full content. It reads all
+      ``config.json`` and weight file (``model*.safetensors``, ``pytorch_model*.bin`` and their shard
+      indexes; not ``training_args.bin`` or other files) in it, by name and full content. It reads all
       of them, SHA-256 on one core: measured 0.65 s per GB from the page cache and 0.9-1.7 s per GB read
       from disk (a 2-core VM with SHA extensions; a disk slower than ~1 GB/s sets the pace instead), so
       about 1-3 s for a 1.7 GB CLIP ViT-L/14 checkpoint.
@@ -99,7 +104,7 @@ def _check_fingerprint(directory: str, revision: str | None) -> str:
     """
     digest = hashlib.sha256()
     for path in sorted(Path(directory).iterdir()):
-        if path.is_file() and (path.name == CONFIG_NAME or path.name.endswith(WEIGHT_SUFFIXES)):
+        if path.is_file() and FINGERPRINTED.fullmatch(path.name):
             with path.open("rb") as handle:
                 content = hashlib.file_digest(handle, "sha256").hexdigest()
             digest.update(f"{path.name}\0{content}\n".encode())

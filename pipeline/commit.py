@@ -5,15 +5,16 @@ An output holds ``shards/`` (token rows), ``index/`` (the commit index), ``error
 
 **A shard is committed when the index names it.** A write task writes a whole shard file, then a
 small index file under the same name (``index/part-<hash>.parquet``: one row per video in the shard,
-with its row groups, frame indices, and the shard's size in bytes). Each file is published whole (`publish`): on a local disk it
-is written under a temporary dot-name, ``fsync``-ed and renamed, so a crash cannot leave a truncated
-file under a committed name; on an object store a single upload is atomic by itself (S3 makes an
-object visible only when its upload completes) and no rename (a copy of every byte there) is needed.
-A shard without an index entry, left by a crash between the two writes, is not committed: readers
-never see it, and the next run that takes the output's lease adopts it (`prepare_output`) after
-checking that it reads back whole. At the end of each run the run's index parts are merged into one
-``index/run-<run-id>.parquet``, so a reader opens a few small index files instead of every shard's
-footer.
+with its row groups, frame indices, and the shard's size in bytes). Each file is published whole
+(`publish`): on a local disk it is written under a temporary dot-name, ``fsync``-ed and renamed, so a
+crash cannot leave a truncated file under a committed name; on an object store a single upload is
+atomic by itself (S3 makes an object visible only when its upload completes) and no rename (a copy of
+every byte there) is needed. Every page carries a CRC, checked whenever a file is read. A shard
+without an index entry, left by a crash between the two writes, is not committed: readers never see
+it, and the next run that takes the output's lease adopts it (`prepare_output`) after checking that it
+reads back whole and that none of its frames is committed already. At the end of each run the run's
+index parts are merged into one ``index/run-<run-id>.parquet``, so a reader opens a few small index
+files instead of every shard's footer.
 
 Error rows are self-contained files, published the same way; they need no index.
 """
@@ -36,11 +37,12 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.inputs import filesystem_and_path, is_local
+from pipeline.inputs import filesystem_and_path, is_local, redact_credentials
 from pipeline.schema import (ERROR_SCHEMA, SCHEMA_VERSION, differing_settings, expected_tiles, file_metadata,
                              read_file_metadata)
 
 TEMP_PREFIX = ".tmp-"  # files being written; a killed run's leftovers are removed by the next lease holder
+LIST_ATTEMPTS = 3  # listings of index/ tried when files listed are gone when read (a merge in between)
 INDEX_PART = "part-"  # index/part-*: one shard's entries (named as the shard); index/run-<run id>.parquet: merged
 DAMAGED = "damaged"  # OUT/damaged/<sub>/<name>: files set aside by --set-aside-damaged
 # Shard rows are sorted by key and cut into row groups this small, so a reader that wants one video
@@ -70,7 +72,8 @@ class DamagedOutputError(Exception):
     def __init__(self, output: str, files: list[str]) -> None:
         listed = "".join(f"\n  {line}" for line in files[:20])
         more = f"\n  ... and {len(files) - 20} more" if len(files) > 20 else ""
-        super().__init__(f"{output} has {len(files)} damaged file(s):{listed}{more}\nRun again with "
+        where = redact_credentials(output)
+        super().__init__(f"{where} has {len(files)} damaged file(s):{listed}{more}\nRun again with "
                          f"--set-aside-damaged to move them to {DAMAGED}/ and encode their frames again.")
         self.files = files
 
@@ -81,9 +84,9 @@ class DamagedOutputError(Exception):
 def publish(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     """Make ``data`` the content of ``path`` at once: readers see the old file or the whole new one.
 
-    Local: written to a temporary dot-file beside it, ``fsync``-ed, renamed, and the folder ``fsync``-ed,
-    so after a node crash the name holds either nothing or every byte. Object store: one upload, which
-    the store makes visible only once complete.
+    Local: written to a temporary dot-file beside it (the folder made if missing), ``fsync``-ed, renamed,
+    and the folder ``fsync``-ed, so after a node crash the name holds either nothing or every byte.
+    Object store: one upload, which the store makes visible only once complete.
 
     Raises:
         OSError: the file cannot be written.
@@ -93,6 +96,7 @@ def publish(fs: pafs.FileSystem, path: str, data: bytes) -> None:
             stream.write(data)
         return
     folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
     temporary = os.path.join(folder, f"{TEMP_PREFIX}{secrets.token_hex(8)}-{os.path.basename(path)}")
     with open(temporary, "wb") as handle:
         handle.write(data)
@@ -107,9 +111,10 @@ def publish(fs: pafs.FileSystem, path: str, data: bytes) -> None:
 
 
 def parquet_bytes(table: pa.Table, **options) -> bytes:
-    """``table`` as a Parquet file (zstd, key statistics), in memory."""
+    """``table`` as a Parquet file (zstd, key statistics, a CRC per page so damage inside a file is
+    found when it is read: `read_verified`), in memory."""
     sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd",
+    pq.write_table(table, sink, compression="zstd", write_page_checksum=True,
                    write_statistics=[name for name in KEY_COLUMNS if name in table.column_names], **options)
     return sink.getvalue()
 
@@ -232,12 +237,16 @@ def read_index(fs: pafs.FileSystem, root: str, threads: int = 16) -> OutputIndex
     Raises:
         DamagedOutputError: an index file cannot be read.
     """
-    files = committed_files(fs, root, "index")
-    if not files:
-        return OutputIndex(INDEX_SCHEMA.empty_table(), None, {})
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        tables = list(pool.map(partial(_read_whole, fs), files))
-    bad = [f"{path}: {table}" for path, table in zip(files, tables) if isinstance(table, str)]
+    for attempt in range(LIST_ATTEMPTS):
+        files = committed_files(fs, root, "index")
+        if not files:
+            return OutputIndex(INDEX_SCHEMA.empty_table(), None, {})
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            tables = list(pool.map(partial(_read_whole, fs), files))
+        if all(table is not None for table in tables):
+            break  # else a file listed was gone when read: a merge (or a set-aside) replaced it; list again
+    bad = [f"{path}: {'missing' if table is None else table}" for path, table in zip(files, tables)
+           if not isinstance(table, pa.Table)]
     if bad:
         raise DamagedOutputError(root, bad)
     entries = pa.concat_tables([table.select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA) for table in tables])
@@ -249,11 +258,19 @@ def read_index(fs: pafs.FileSystem, root: str, threads: int = 16) -> OutputIndex
     return OutputIndex(entries, by_file[files[0]], by_file)
 
 
-def _read_whole(fs: pafs.FileSystem, path: str) -> pa.Table | str:
-    """The Parquet table at ``path``, or why it cannot be read (its first line)."""
+def read_verified(handle: pa.NativeFile, **options) -> pq.ParquetFile:
+    """A Parquet file whose pages are checked against their CRCs as they are read (files written
+    before page CRCs have none to check)."""
+    return pq.ParquetFile(handle, page_checksum_verification=True, **options)
+
+
+def _read_whole(fs: pafs.FileSystem, path: str) -> pa.Table | str | None:
+    """The Parquet table at ``path``; None when it is gone; else why it cannot be read (its first line)."""
     try:
         with fs.open_input_file(path) as handle:
-            return pq.read_table(handle)
+            return read_verified(handle).read()
+    except FileNotFoundError:
+        return None
     except (OSError, pa.ArrowException) as error:
         return str(error).splitlines()[0] if str(error) else type(error).__name__
 
@@ -266,9 +283,9 @@ def _first_occurrences(keys: pa.Array) -> list[int]:
 
 
 def unreadable_files(fs: pafs.FileSystem, files: list[str]) -> dict[str, str]:
-    """{file: reason} for each of ``files`` that cannot be read as a whole Parquet table."""
+    """{file: reason} for each of ``files`` that cannot be read whole (page CRCs checked), or is gone."""
     reasons = {path: _read_whole(fs, path) for path in files}
-    return {path: reason for path, reason in reasons.items() if isinstance(reason, str)}
+    return {path: reason or "missing" for path, reason in reasons.items() if not isinstance(reason, pa.Table)}
 
 
 def merge_index_parts(fs: pafs.FileSystem, root: str, run_id: str) -> int:
@@ -408,12 +425,16 @@ def prepare_output(output: str, metadata: dict, set_aside: bool) -> PreparedOutp
             if sizes.get(name) != size:
                 found = "missing" if name not in sizes else f"{sizes[name]} bytes"
                 damaged[f"{root}/shards/{name}"] = f"{found}, committed with {size} bytes"
+        if set_aside:  # a repair: also read every committed shard whole, its pages checked against their CRCs
+            intact = [f"{root}/shards/{name}" for name in recorded if f"{root}/shards/{name}" not in damaged]
+            damaged.update(unreadable_files(fs, intact))
         anyres = bool(metadata["preprocessing"]["anyres"])
+        claimed = _Claimed(index.entries)
         for name in sorted(set(sizes) - set(recorded)):
-            problem = _adopt(fs, root, name, metadata, anyres)
+            kept, problem = _adopt(fs, root, name, metadata, anyres, claimed)
             if problem:
                 damaged[f"{root}/shards/{name}"] = problem
-            else:
+            elif kept:
                 adopted.append(name)
     if damaged and not set_aside:
         raise DamagedOutputError(output, [f"{path}: {reason}" for path, reason in sorted(damaged.items())])
@@ -458,27 +479,50 @@ def _read_errors(fs: pafs.FileSystem, root: str, damaged: dict[str, str]) -> pa.
         return pads.dataset(good, format="parquet", filesystem=fs, schema=ERROR_SCHEMA).to_table(columns=columns)
 
 
-def _adopt(fs: pafs.FileSystem, root: str, name: str, metadata: dict, anyres: bool) -> str | None:
-    """Commit the un-indexed shard ``name`` by writing its index entries; returns why it cannot be, or None."""
+class _Claimed:
+    """The committed (video_id, frame_index) keys of the videos asked about, and those adopted since."""
+
+    def __init__(self, entries: pa.Table) -> None:
+        self.entries = entries
+        self.known: dict[str, set[int]] = {}
+
+    def frames(self, video_id: str) -> set[int]:
+        if video_id not in self.known:
+            rows = self.entries.filter(pc.equal(self.entries["video_id"], video_id))
+            self.known[video_id] = {i for frames in rows["frame_indices"].to_pylist() for i in frames}
+        return self.known[video_id]
+
+
+def _adopt(fs: pafs.FileSystem, root: str, name: str, metadata: dict, anyres: bool,
+           claimed: _Claimed) -> tuple[bool, str | None]:
+    """Commit the un-indexed shard ``name`` by writing its index entries, unless a frame of it is already
+    committed (a write stopped after its frames were committed elsewhere): then it is deleted. Returns
+    (whether it was committed, why it can be neither: damaged)."""
     path = f"{root}/shards/{name}"
     try:
         with fs.open_input_file(path) as handle:
             size = handle.size()
-            parquet = pq.ParquetFile(handle)
+            parquet = read_verified(handle)
             table = parquet.read()
     except (OSError, pa.ArrowException) as error:
-        return f"not committed, and unreadable: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+        return False, f"not committed, and unreadable: {(str(error) or type(error).__name__).splitlines()[0]}"
     recorded = read_file_metadata(table.schema)
     differing = differing_settings(recorded, {"schema_version": SCHEMA_VERSION, **metadata})
     if differing:
-        return f"not committed, and made with other settings ({', '.join(differing)})"
+        return False, f"not committed, and made with other settings ({', '.join(differing)})"
     problems = incomplete_frames(table, anyres)
     if problems:
-        return f"not committed, and {len(problems)} frame(s) lack views (first: {problems[0]})"
+        return False, f"not committed, and {len(problems)} frame(s) lack views (first: {problems[0]})"
     entries = index_entries(table, name, size, row_group_rows(parquet.metadata))
-    entries = entries.replace_schema_metadata(table.schema.metadata)
-    publish(fs, f"{root}/index/{name}", parquet_bytes(entries))
-    return None
+    rows = list(zip(entries["video_id"].to_pylist(), entries["frame_indices"].to_pylist()))
+    if any(claimed.frames(video_id) & set(frames) for video_id, frames in rows):
+        fs.delete_file(path)
+        logger.warning("deleted %s: written by a write that was stopped, its frames are committed elsewhere", path)
+        return False, None
+    for video_id, frames in rows:
+        claimed.frames(video_id).update(frames)
+    publish(fs, f"{root}/index/{name}", parquet_bytes(entries.replace_schema_metadata(table.schema.metadata)))
+    return True, None
 
 
 def _set_aside(fs: pafs.FileSystem, root: str, paths: list[str]) -> None:

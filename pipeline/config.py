@@ -88,8 +88,8 @@ class EncodeConfig:
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         self.sampling()  # --num-frames / --fps / --max-frames out of range: refused now, not in every decoder
-        if not self.shard_mb > 0:
-            raise ValueError("--shard-mb must be > 0")
+        if not 0 < self.shard_mb < float("inf"):
+            raise ValueError("--shard-mb must be a positive number")
         if not self.decode_timeout_s > 0:
             raise ValueError("--decode-timeout-s must be > 0")
         self.pinpoint_list()  # refuses a malformed --pinpoints now, not in every input's decoder

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 import socket
 import threading
 import time
@@ -28,7 +29,8 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 
 from pipeline.commit import publish
-from pipeline.inputs import filesystem_and_path
+from pipeline.inputs import filesystem_and_path, redact_credentials
+from pipeline.runlog import location
 
 LEASE_DIR = "lease"
 TTL_S = 60.0
@@ -57,8 +59,9 @@ class Holder:
     age_s: float
 
     def describe(self) -> str:
-        return (f"run {self.run_id} (host {self.host}, pid {self.pid}, started {self.started_at}, "
-                f"heartbeat {self.age_s:.0f} s ago)")
+        heartbeat = (f"heartbeat {self.age_s:.0f} s ago" if self.age_s >= -1 else
+                     f"heartbeat {-self.age_s:.0f} s in the future: is that clock ahead of this one?")
+        return f"run {self.run_id} (host {self.host}, pid {self.pid}, started {self.started_at}, {heartbeat})"
 
 
 def lease_path(root: str, run_id: str) -> str:
@@ -81,7 +84,7 @@ class OutputLease:
     """
 
     def __init__(self, output: str, run_id: str, ttl_s: float = TTL_S, heartbeat_s: float = HEARTBEAT_S) -> None:
-        self.output = output
+        self.output = redact_credentials(output)  # as messages show it
         self.run_id = run_id
         self.ttl_s = ttl_s
         self.heartbeat_s = heartbeat_s
@@ -120,7 +123,8 @@ class OutputLease:
             raise OutputLocked(
                 f"{self.output} is being written by another job: {live[0].describe()}. One job writes an output "
                 f"at a time. If that job is dead, its lease is taken over once its heartbeat is {self.ttl_s:.0f} s "
-                f"old (or at once on its own host); to take it over now, delete {live[0].path}.")
+                f"old (or at once on its own host); to take it over now, delete "
+                f"{location(self.output, posixpath.relpath(live[0].path, self.root))}.")
         self._thread = threading.Thread(target=self._beat, name=f"lease-{self.run_id}", daemon=True)
         self._thread.start()
 

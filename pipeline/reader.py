@@ -27,7 +27,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.commit import DamagedOutputError, OutputIndex, committed_files, read_index
+from pipeline.commit import (DamagedOutputError, OutputIndex, committed_files, read_index, read_verified,
+                             unreadable_files)
 from pipeline.inputs import filesystem_and_path
 from pipeline.schema import (ERROR_SCHEMA, SCHEMA_VERSION, differing_settings, expected_tiles, read_file_metadata,
                              shard_schema)
@@ -246,7 +247,12 @@ class TokenReader:
         files = committed_files(self.filesystem, self._root, "errors")
         if not files:
             return ERROR_SCHEMA.empty_table()
-        return pads.dataset(files, format="parquet", filesystem=self.filesystem, schema=ERROR_SCHEMA).to_table()
+        try:
+            return pads.dataset(files, format="parquet", filesystem=self.filesystem, schema=ERROR_SCHEMA).to_table()
+        except (OSError, pa.ArrowException) as error:
+            bad = unreadable_files(self.filesystem, files)
+            raise DamagedOutputError(self.out_dir, [f"{path}: {why}" for path, why in bad.items()] or [str(error)]) \
+                from error
 
     # -- internals --------------------------------------------------------------------------------
 
@@ -260,6 +266,10 @@ class TokenReader:
                     version = read_file_metadata(pq.read_schema(handle)).get("schema_version")
                 if version != SCHEMA_VERSION:
                     raise ShardFormatError(_version_message(shards[0], version))
+                raise ShardFormatError(
+                    f"{self.out_dir} holds {len(shards)} shard file(s) but no commit index (index/*.parquet): none "
+                    "is committed. Run the job on it again: it commits the shards it finds whole (a run killed "
+                    "before its first commit leaves such an output).")
             elif not committed_files(self.filesystem, self._root, "errors") and not self._has_run_record():
                 found = self.filesystem.get_file_info(self._root).type != pafs.FileType.NotFound
                 what = ("holds no shard (shards/*.parquet), error file (errors/*.parquet) or run record "
@@ -333,10 +343,10 @@ class TokenReader:
             return self._cache[key]
         try:
             with self.filesystem.open_input_file(self._path(name)) as handle:
-                table = pq.ParquetFile(handle, metadata=self._footer(name, handle)).read_row_group(group)
+                table = read_verified(handle, metadata=self._footer(name, handle)).read_row_group(group)
         except FileNotFoundError as error:
             raise DamagedOutputError(self.out_dir, [f"{self._path(name)}: missing"]) from error
-        except pa.ArrowInvalid as error:
+        except (OSError, pa.ArrowException) as error:  # a page whose CRC fails, data that does not decode
             raise DamagedOutputError(self.out_dir, [f"{self._path(name)}: {error}"]) from error
         self.row_groups_read += 1
         self._cache[key] = table

@@ -12,6 +12,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from importlib import metadata
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
@@ -19,8 +20,8 @@ from transformers import CLIPVisionConfig
 
 from operators.encode import load_vision_config, resolve_revision
 from pipeline.config import EncodeConfig
-from pipeline.commit import (CommitState, committed_files, error_files, merge_index_parts, prepare_output,
-                             read_error_rows)
+from pipeline.commit import (CommitState, DamagedOutputError, committed_files, error_files, merge_index_parts,
+                             prepare_output, read_error_rows)
 from pipeline.inputs import VIDEO_ID_RULE, InputItem, Listing, filesystem_and_path, list_inputs, redact_credentials
 from pipeline.lease import OutputLease, OutputLocked
 from pipeline.report import failure_line
@@ -106,23 +107,28 @@ def run_metadata(config: EncodeConfig, vision: CLIPVisionConfig) -> dict:
 def check_output_compatible(output: str, metadata: dict) -> None:
     """Refuse to add tokens made another way to an existing output (mixed shards mislead readers).
 
-    The first index file (else an error file: an output whose every input failed; else a shard not yet
-    indexed) says how the output was made; an error file without metadata was written before error
-    files carried it.
+    The first readable index file (else error file: an output whose every input failed; else a shard
+    not yet indexed) says how the output was made; an error file without metadata was written before
+    error files carried it. Unreadable files are passed over here: the run reports them once it holds
+    the output (`pipeline.commit.prepare_output`, exit 4).
 
     Raises:
-        ValueError: the output's files were made with other settings, or under another ``video_id`` rule.
+        ValueError: the output's files were made with other settings, or by an older version.
     """
     fs, root = filesystem_and_path(output)
     for sub in ("index", "errors", "shards"):
-        for path in committed_files(fs, root, sub)[:1]:
-            with fs.open_input_file(path) as handle:
-                existing = read_file_metadata(pq.read_schema(handle))
+        for path in committed_files(fs, root, sub):
+            try:
+                with fs.open_input_file(path) as handle:
+                    existing = read_file_metadata(pq.read_schema(handle))
+            except (OSError, pa.ArrowException):
+                continue
             _refuse_other_settings(output, existing, {"schema_version": SCHEMA_VERSION, **metadata})
             return
 
 
 def _refuse_other_settings(output: str, existing: dict, expected: dict) -> None:
+    output = redact_credentials(output)
     if not existing:
         raise ValueError(f"{output} holds files of an older version, which record no settings and made video ids "
                          "another way: the same inputs would be encoded again under new ids. Use a new --output.")
@@ -130,10 +136,16 @@ def _refuse_other_settings(output: str, existing: dict, expected: dict) -> None:
     if not differing:
         return
     lines = "".join(f"\n  {key}: existing {existing.get(key)!r}, this run {expected.get(key)!r}" for key in differing)
-    why = ("\nIt was written by an older version, whose video ids are made another way: the same inputs would "
-           "be encoded again under new ids." if "video_id_rule" in differing else "")
-    raise ValueError(f"{output} already holds files made with different settings:{lines}{why}\n"
-                     "Use a new --output, or the same settings to resume.")
+    if "video_id_rule" in differing:
+        why = ("\nIt was written by an older version, whose video ids are made another way: the same inputs would "
+               "be encoded again under new ids. Use a new --output.")
+    elif "schema_version" in differing:
+        why = (f"\nIt was written by another version (schema {existing.get('schema_version')!r}; this one writes "
+               f"{expected['schema_version']!r}), which this one cannot add to. Use a new --output (that version's "
+               "reader reads the old one).")
+    else:
+        why = "\nUse a new --output, or the same settings to resume."
+    raise ValueError(f"{output} already holds files made with different settings:{lines}{why}")
 
 
 def recorded_config(config: EncodeConfig) -> dict:
@@ -251,9 +263,10 @@ class RunFailed(RuntimeError):
 
 
 def brief(error: BaseException) -> str:
-    """``Type: first line ... last line`` of an error, each at most 300 characters, colour codes removed.
-    Ray's errors carry a whole remote traceback whose last line names the original exception."""
-    lines = [line for line in plain_text(str(error)).splitlines() if line.strip()]
+    """``Type: first line ... last line`` of an error, each at most 300 characters, colour codes and
+    credentials in URIs removed. Ray's errors carry a whole remote traceback whose last line names the
+    original exception."""
+    lines = [line for line in redact_credentials(plain_text(str(error))).splitlines() if line.strip()]
     if not lines:
         return type(error).__name__
     last = f" ... {lines[-1].strip()[:300]}" if len(lines) > 1 else ""
@@ -279,6 +292,8 @@ def run(config: EncodeConfig) -> RunSummary:
         KeyboardInterrupt, SystemExit: the run was interrupted (Ctrl-C, SIGTERM); its record says so.
     """
     started = time.time()
+    if os.path.isdir(config.model):  # one spelling of a local folder (`clip/`, `./clip`, `/abs/clip`)
+        config = dataclasses.replace(config, model=os.path.abspath(config.model))
     try:
         # Pinned once here; every encoder actor loads exactly this revision (`operators.encode`).
         config = dataclasses.replace(config, model_revision=resolve_revision(config.model, config.model_revision))
@@ -369,6 +384,8 @@ def _run_holding_lease(config: EncodeConfig, listing: Listing, image_size: int, 
                 _merge_index(config.output, run_id)
             if interrupted:
                 logger.error("run %s interrupted (%r)", run_id, error)
+            elif isinstance(error, DamagedOutputError):  # the output's state, not a fault of the code: no traceback
+                logger.error("run %s failed: %s", run_id, error)
             else:
                 logger.exception("run %s failed: %s", run_id, type(error).__name__)
             try:
@@ -410,7 +427,8 @@ def _encode(config: EncodeConfig, listing: Listing, image_size: int, metadata_: 
     rows = pending_rows(inputs, state)
     _log_plan(inputs, rows, state.failed, config.media)
 
-    views = 1 + max(w * h for w, h in config.pinpoint_list()) // image_size**2 if config.anyres else 1  # per frame, at most
+    # the most views a frame has: the global view and the largest AnyRes grid
+    views = 1 + max(w * h for w, h in config.pinpoint_list()) // image_size**2 if config.anyres else 1
     sink = ShardSink(config.output, metadata_, run_id, config.frames_per_shard, int(config.shard_mb * 2**20), views)
     if rows:
         _ensure_ray(config)

@@ -3,12 +3,14 @@ damaged files, the output lease, pinned model revisions, and an object-store out
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,11 +24,11 @@ import torch
 from PIL import Image
 from transformers import CLIPModel
 
-from pipeline.commit import DamagedOutputError
+from pipeline.commit import DamagedOutputError, merge_index_parts, parquet_bytes, publish
 from pipeline.config import EncodeConfig
 from pipeline.lease import LeaseLost, OutputLease, check_held
-from pipeline.reader import TokenReader
-from pipeline.run import RunFailed, RunSetupError, run
+from pipeline.reader import ShardFormatError, TokenReader
+from pipeline.run import OutputBusy, RunFailed, RunSetupError, run
 from pipeline.schema import expected_tiles
 from media import decode_frame, video
 
@@ -132,6 +134,93 @@ def test_a_crash_between_shard_and_index_is_healed_by_the_next_run(reference, tm
     assert not list(output.rglob(".tmp-*"))
     assert shard_rows(output).equals(shard_rows(original))
     assert len(TokenReader(str(output)).files) == 9
+
+
+def test_a_lost_index_and_a_stale_copy_of_a_committed_shard_are_healed_without_duplicates(reference, tmp_path,
+                                                                                           tiny_clip_dir):
+    """No index at all: the reader refuses (not an empty dataset); the next run adopts every shard, but
+    deletes an un-indexed copy of frames committed elsewhere (a write stopped after they were)."""
+    inputs, original = reference
+    output = tmp_path / "out"
+    shutil.copytree(original, output)
+    shutil.rmtree(output / "index")
+    shard = sorted((output / "shards").glob("*.parquet"))[0]
+    shutil.copy(shard, output / "shards" / "part-stale-copy.parquet")
+    with pytest.raises(ShardFormatError, match=r"10 shard file\(s\) but no commit index"):
+        TokenReader(str(output))
+    summary = run(EncodeConfig(input=str(inputs), output=str(output), model=str(tiny_clip_dir), num_frames=3))
+    assert (summary.rows, summary.skipped) == (0, 3)
+    names = sorted(p.name for p in (output / "shards").glob("*.parquet"))
+    assert names == sorted(p.name for p in (original / "shards").glob("*.parquet")), "the copy was deleted"
+    assert shard_rows(output).equals(shard_rows(original))
+
+
+def test_damage_inside_a_file_is_found_by_its_page_checksums(reference, tmp_path, tiny_clip_dir):
+    """A shard damaged in place (same size) is named by the reader; the job checks sizes only, but
+    --set-aside-damaged reads every shard and finds it; an unreadable first index file is named too."""
+    inputs, original = reference
+    output = tmp_path / "out"
+    shutil.copytree(original, output)
+    shard = sorted((output / "shards").glob("*.parquet"))[2]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    video_id = pq.read_table(original / "shards" / shard.name, columns=["video_id"])["video_id"][0].as_py()
+    with pytest.raises(DamagedOutputError, match=shard.name):
+        TokenReader(str(output)).load(video_id)
+    [index] = (output / "index").glob("*.parquet")
+    index.write_bytes(index.read_bytes()[:40])
+    with pytest.raises(RunFailed) as failure:
+        run(EncodeConfig(input=str(inputs), output=str(output), model=str(tiny_clip_dir), num_frames=3))
+    assert isinstance(failure.value.__cause__, DamagedOutputError) and index.name in str(failure.value.__cause__)
+
+    summary = run(EncodeConfig(input=str(inputs), output=str(output), model=str(tiny_clip_dir), num_frames=3,
+                               set_aside_damaged=True))
+    assert sorted(p.name for p in (output / "damaged").rglob("*.parquet")) == sorted([index.name, shard.name])
+    assert (summary.frames, summary.rows) == (1, 1), "the other shards adopted, the damaged one's frame encoded"
+    reader = TokenReader(str(output))
+    assert sorted(reader.video_ids()) == sorted(TokenReader(str(original)).video_ids())
+    assert [f.frame_index for f in reader.load(video_id).frames] == [
+        f.frame_index for f in TokenReader(str(original)).load(video_id).frames]
+
+
+def test_readers_opened_while_a_run_merges_its_index_see_every_committed_shard(reference, tmp_path):
+    _, original = reference
+    output = tmp_path / "out"
+    shutil.copytree(original, output)
+    [merged] = (output / "index").glob("*.parquet")
+    entries = pq.read_table(merged)
+    stop = threading.Event()
+
+    def merge_again_and_again():
+        fs = pa.fs.LocalFileSystem()
+        for i in itertools.count():
+            if stop.is_set():
+                return
+            for name in entries["file"].to_pylist():  # the parts a run writes (each published whole), then merges
+                part = entries.filter(pc.equal(entries["file"], name)).replace_schema_metadata(entries.schema.metadata)
+                publish(fs, str(output / "index" / name), parquet_bytes(part))
+            merge_index_parts(fs, str(output), f"again-{i}")
+            for old in (output / "index").glob("run-again-*.parquet"):
+                if old.name != f"run-again-{i}.parquet":
+                    old.unlink(missing_ok=True)
+
+    merger = threading.Thread(target=merge_again_and_again)
+    merger.start()
+    try:
+        for _ in range(150):
+            assert len(TokenReader(str(output)).files) == 9
+    finally:
+        stop.set()
+        merger.join()
+
+
+def test_a_damaged_error_file_is_named_by_the_reader(tmp_path):
+    (tmp_path / "errors").mkdir()
+    (tmp_path / "errors" / "part-0.parquet").write_bytes(b"PAR1 not a whole file")
+    (tmp_path / "manifest.json").write_text("{}")
+    with pytest.raises(DamagedOutputError, match="part-0.parquet"):
+        TokenReader(str(tmp_path)).errors()
 
 
 def test_an_uncommitted_shard_with_a_frame_missing_a_view_is_damaged_not_adopted(reference, tmp_path, tiny_clip_dir):
@@ -290,3 +379,9 @@ def test_an_object_store_output_round_trips_through_a_local_s3_server(reference,
     again = run(EncodeConfig(input=str(inputs), output=uri, model=str(tiny_clip_dir), num_frames=3))
     assert (again.rows, again.skipped) == (0, 3)
     assert len(TokenReader(uri).files) == 9
+
+    with OutputLease(uri, "20261129T000000.000Z-s3s3s3"):  # one job per output on the store too
+        with pytest.raises(OutputBusy, match=r"being written by another job: run 20261129T000000.000Z-s3s3s3") as busy:
+            run(EncodeConfig(input=str(inputs), output=uri, model=str(tiny_clip_dir), num_frames=3))
+    assert "s3://***@commits/out/lease/20261129T000000.000Z-s3s3s3.json?" in str(busy.value)
+    assert "test:test" not in str(busy.value)

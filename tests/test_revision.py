@@ -98,6 +98,7 @@ def test_local_folder_fingerprint_follows_the_files_that_define_the_tower(tiny_c
     assert resolve_revision(str(tiny_clip_dir)) == fingerprint, "content, not location"
     assert resolve_revision(str(folder), fingerprint) == fingerprint
     (folder / "README.md").write_text("not part of the tower")
+    (folder / "training_args.bin").write_bytes(b"a trainer's file, not loaded by from_pretrained")
     assert resolve_revision(str(folder)) == fingerprint
 
     encoder = ClipEncoder(str(folder), device="cpu", revision=fingerprint)
