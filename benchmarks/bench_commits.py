@@ -201,26 +201,13 @@ def load_items(names_file: str):
     return [InputItem(video_id=video_id, source_path=path, path=path) for video_id, path in names]
 
 
-def _resume_new(output: str, items) -> tuple[list[dict], object]:
+def _resume_new(output: str, items) -> tuple[list[dict], dict]:
     from pipeline.commit import prepare_output
     from pipeline.run import pending_rows
 
     prepared = prepare_output(output, run_metadata(FRAMES), set_aside=False)
-    return pending_rows(items, prepared.state), prepared
-
-
-def measure_resume_new(output: str, names_file: str, warm_output: str, warm_names_file: str) -> dict:
-    """`prepare_output` + `pending_rows`, what `pipeline.run._encode` does before it builds the graph
-    (after the same on a small output, so that first-use costs are not counted)."""
-    _resume_new(warm_output, load_items(warm_names_file))
-    items = load_items(names_file)
-    baseline = start_peak()
-    started = time.perf_counter()
-    rows, prepared = _resume_new(output, items)
-    wall = time.perf_counter() - started
-    return {"wall_s": wall, "peak_mb": peak_mb() - baseline, "baseline_mb": baseline, "pending": len(rows),
-            "done_frames": sum(len(row["done_frames"]) for row in rows), "index_files": len(prepared.index.files),
-            "index_entries": prepared.index.entries.num_rows, "held_mb": proc_mb("VmRSS") - baseline}
+    details = {"index_files": len(prepared.index.files), "index_entries": prepared.index.entries.num_rows}
+    return pending_rows(items, prepared.state), details
 
 
 def old_pending_rows(inputs, done: dict, failed: dict, sampled: dict) -> list[dict]:
@@ -238,7 +225,7 @@ def old_pending_rows(inputs, done: dict, failed: dict, sampled: dict) -> list[di
     return rows
 
 
-def _resume_old(output: str, items) -> tuple[list[dict], int]:
+def _resume_old(output: str, items) -> tuple[list[dict], dict]:
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
@@ -256,20 +243,31 @@ def _resume_old(output: str, items) -> tuple[list[dict], int]:
         done.setdefault(video_id, set()).add(frame_index)
         sampled[video_id] = count
     del table
-    return old_pending_rows(items, done, {}, sampled), len(files)  # no error files in these outputs
+    return old_pending_rows(items, done, {}, sampled), {"files": len(files)}  # no error files in these outputs
 
 
-def measure_resume_old(output: str, names_file: str, warm_output: str, warm_names_file: str) -> dict:
-    """``read_committed`` before the commit index (every shard's keys into Python sets), then the old plan."""
-    _resume_old(warm_output, load_items(warm_names_file))
+def _measure_resume(resume, output: str, names_file: str, warm_output: str, warm_names_file: str) -> dict:
+    """``resume`` (`_resume_new` or `_resume_old`) on ``output``, after the same on a small output (so that
+    first-use costs are not counted): wall time, peak and held memory, what it planned."""
+    resume(warm_output, load_items(warm_names_file))
     items = load_items(names_file)
     baseline = start_peak()
     started = time.perf_counter()
-    rows, files = _resume_old(output, items)
+    rows, details = resume(output, items)
     wall = time.perf_counter() - started
     return {"wall_s": wall, "peak_mb": peak_mb() - baseline, "baseline_mb": baseline, "pending": len(rows),
-            "done_frames": sum(len(row["done_frames"]) for row in rows), "files": files,
-            "held_mb": proc_mb("VmRSS") - baseline}
+            "done_frames": sum(len(row["done_frames"]) for row in rows), "held_mb": proc_mb("VmRSS") - baseline,
+            **details}
+
+
+def measure_resume_new(*paths: str) -> dict:
+    """`prepare_output` + `pending_rows`, what `pipeline.run._encode` does before it builds the graph."""
+    return _measure_resume(_resume_new, *paths)
+
+
+def measure_resume_old(*paths: str) -> dict:
+    """``read_committed`` before the commit index (every shard's keys into Python sets), then the old plan."""
+    return _measure_resume(_resume_old, *paths)
 
 
 def measure_stats(design: str, returns_file: str) -> dict:

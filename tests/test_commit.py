@@ -119,12 +119,18 @@ def drop_index_entries(output: Path, shard_name: str) -> None:
         pq.write_table(table.filter(pc.not_equal(table["file"], shard_name)), index)
 
 
-def test_a_crash_between_shard_and_index_is_healed_by_the_next_run(reference, tmp_path, tiny_clip_dir):
-    inputs, original = reference
-    output = tmp_path / "out"
+def with_an_uncommitted_shard(original: Path, output: Path) -> Path:
+    """A copy of ``original`` whose first shard is not in the index (a crash between the two writes)."""
     shutil.copytree(original, output)
     shard = sorted((output / "shards").glob("*.parquet"))[0]
     drop_index_entries(output, shard.name)
+    return shard
+
+
+def test_a_crash_between_shard_and_index_is_healed_by_the_next_run(reference, tmp_path, tiny_clip_dir):
+    inputs, original = reference
+    output = tmp_path / "out"
+    with_an_uncommitted_shard(original, output)
     (output / "shards" / ".tmp-0123-part-x.parquet").write_bytes(b"PAR1 half written")
     reader = TokenReader(str(output))
     assert len(reader.files) == 8, "a shard the index does not name is not committed"
@@ -226,9 +232,7 @@ def test_a_damaged_error_file_is_named_by_the_reader(tmp_path):
 def test_an_uncommitted_shard_with_a_frame_missing_a_view_is_damaged_not_adopted(reference, tmp_path, tiny_clip_dir):
     inputs, original = reference
     output = tmp_path / "out"
-    shutil.copytree(original, output)
-    shard = sorted((output / "shards").glob("*.parquet"))[0]
-    drop_index_entries(output, shard.name)
+    shard = with_an_uncommitted_shard(original, output)
     table = pq.read_table(shard)
     pq.write_table(pa.concat_tables([table, table]).replace_schema_metadata(table.schema.metadata), shard)
     with pytest.raises(RunFailed) as failure:
