@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 
 from pipeline.inputs import filesystem_and_path, is_local, redact_credentials
 from pipeline.schema import (ERROR_SCHEMA, SCHEMA_VERSION, differing_settings, expected_tiles, file_metadata,
-                             read_file_metadata)
+                             read_file_metadata, shard_schema)
 
 TEMP_PREFIX = ".tmp-"  # files being written; a killed run's leftovers are removed by the next lease holder
 LIST_ATTEMPTS = 3  # listings of index/ tried when files listed are gone when read (a merge in between)
@@ -258,6 +258,11 @@ def read_index(fs: pafs.FileSystem, root: str, threads: int = 16) -> OutputIndex
     return OutputIndex(entries, by_file[files[0]], by_file)
 
 
+# Datasets of the output's files read with each page checked against its CRC (see `read_verified`).
+VERIFIED_PARQUET = pads.ParquetFileFormat(
+    default_fragment_scan_options=pads.ParquetFragmentScanOptions(page_checksum_verification=True))
+
+
 def read_verified(handle: pa.NativeFile, **options) -> pq.ParquetFile:
     """A Parquet file whose pages are checked against their CRCs as they are read (files written
     before page CRCs have none to check)."""
@@ -296,7 +301,7 @@ def merge_index_parts(fs: pafs.FileSystem, root: str, run_id: str) -> int:
         return 0
     with fs.open_input_file(parts[0]) as handle:
         metadata = pq.read_schema(handle).metadata
-    merged = pads.dataset(parts, format="parquet", filesystem=fs, schema=INDEX_SCHEMA).to_table()
+    merged = pads.dataset(parts, format=VERIFIED_PARQUET, filesystem=fs, schema=INDEX_SCHEMA).to_table()
     merged = merged.sort_by([("video_id", "ascending"), ("file", "ascending")]).replace_schema_metadata(metadata)
     name = f"{root}/index/run-{run_id}.parquet"
     if fs.get_file_info(name).type == pafs.FileType.File:  # a second merge in the same run
@@ -425,10 +430,12 @@ def prepare_output(output: str, metadata: dict, set_aside: bool) -> PreparedOutp
             if sizes.get(name) != size:
                 found = "missing" if name not in sizes else f"{sizes[name]} bytes"
                 damaged[f"{root}/shards/{name}"] = f"{found}, committed with {size} bytes"
-        if set_aside:  # a repair: also read every committed shard whole, its pages checked against their CRCs
-            intact = [f"{root}/shards/{name}" for name in recorded if f"{root}/shards/{name}" not in damaged]
-            damaged.update(unreadable_files(fs, intact))
         anyres = bool(metadata["preprocessing"]["anyres"])
+        if set_aside:  # a repair: also read every committed shard whole, pages checked, and check it as a reader
+            for path in (f"{root}/shards/{name}" for name in recorded):
+                read = _read_shard(fs, path, metadata, anyres) if path not in damaged else None
+                if isinstance(read, str):
+                    damaged[path] = read
         claimed = _Claimed(index.entries)
         for name in sorted(set(sizes) - set(recorded)):
             kept, problem = _adopt(fs, root, name, metadata, anyres, claimed)
@@ -466,17 +473,55 @@ def _remove_temporaries(fs: pafs.FileSystem, root: str) -> int:
     return removed
 
 
+def read_parquet_files(fs: pafs.FileSystem, files: list[str], schema: pa.Schema, output: str) -> pa.Table:
+    """The rows of ``files`` (each page checked against its CRC) as one table of ``schema``.
+
+    Raises:
+        DamagedOutputError: naming each of ``files`` that cannot be read.
+    """
+    try:
+        return pads.dataset(files, format=VERIFIED_PARQUET, filesystem=fs, schema=schema).to_table()
+    except (OSError, pa.ArrowException) as error:
+        bad = unreadable_files(fs, files)
+        raise DamagedOutputError(output, [f"{path}: {why}" for path, why in bad.items()] or [str(error)]) from error
+
+
 def _read_errors(fs: pafs.FileSystem, root: str, damaged: dict[str, str]) -> pa.Table:
     """``video_id`` and ``frame_indices`` of every readable error file; unreadable ones go into ``damaged``."""
     files = committed_files(fs, root, "errors")
-    columns = ["video_id", "frame_indices"]
     try:
-        return pads.dataset(files, format="parquet", filesystem=fs, schema=ERROR_SCHEMA).to_table(columns=columns)
-    except (OSError, pa.ArrowException):
+        return read_parquet_files(fs, files, ERROR_SCHEMA, root)
+    except DamagedOutputError:
         bad = unreadable_files(fs, files)
         damaged.update(bad)
-        good = [path for path in files if path not in bad]
-        return pads.dataset(good, format="parquet", filesystem=fs, schema=ERROR_SCHEMA).to_table(columns=columns)
+        return read_parquet_files(fs, [path for path in files if path not in bad], ERROR_SCHEMA, root)
+
+
+def _read_shard(fs: pafs.FileSystem, path: str, metadata: dict,
+                anyres: bool) -> tuple[pa.Table, pq.FileMetaData, int] | str:
+    """The shard at ``path`` read whole (pages checked) with its footer and size, or what is wrong with
+    it: unreadable, settings metadata that does not parse or differs from ``metadata``, other columns,
+    or frames lacking views."""
+    try:
+        with fs.open_input_file(path) as handle:
+            size = handle.size()
+            parquet = read_verified(handle)
+            table = parquet.read()
+    except (OSError, pa.ArrowException) as error:
+        return f"unreadable: {(str(error) or type(error).__name__).splitlines()[0]}"
+    try:
+        recorded = read_file_metadata(table.schema)
+    except ValueError:  # JSON (or its text) damaged
+        return "unreadable: its settings metadata does not parse"
+    differing = differing_settings(recorded, {"schema_version": SCHEMA_VERSION, **metadata})
+    if differing:
+        return f"made with other settings ({', '.join(differing)})"
+    if not table.schema.remove_metadata().equals(shard_schema(int(metadata["hidden_size"]))):
+        return f"its columns differ from the shard schema: {table.schema.remove_metadata()}"
+    problems = incomplete_frames(table, anyres)
+    if problems:
+        return f"{len(problems)} frame(s) lack views (first: {problems[0]})"
+    return table, parquet.metadata, size
 
 
 class _Claimed:
@@ -499,21 +544,11 @@ def _adopt(fs: pafs.FileSystem, root: str, name: str, metadata: dict, anyres: bo
     committed (a write stopped after its frames were committed elsewhere): then it is deleted. Returns
     (whether it was committed, why it can be neither: damaged)."""
     path = f"{root}/shards/{name}"
-    try:
-        with fs.open_input_file(path) as handle:
-            size = handle.size()
-            parquet = read_verified(handle)
-            table = parquet.read()
-    except (OSError, pa.ArrowException) as error:
-        return False, f"not committed, and unreadable: {(str(error) or type(error).__name__).splitlines()[0]}"
-    recorded = read_file_metadata(table.schema)
-    differing = differing_settings(recorded, {"schema_version": SCHEMA_VERSION, **metadata})
-    if differing:
-        return False, f"not committed, and made with other settings ({', '.join(differing)})"
-    problems = incomplete_frames(table, anyres)
-    if problems:
-        return False, f"not committed, and {len(problems)} frame(s) lack views (first: {problems[0]})"
-    entries = index_entries(table, name, size, row_group_rows(parquet.metadata))
+    read = _read_shard(fs, path, metadata, anyres)
+    if isinstance(read, str):
+        return False, f"not committed, and {read}"
+    table, footer, size = read
+    entries = index_entries(table, name, size, row_group_rows(footer))
     rows = list(zip(entries["video_id"].to_pylist(), entries["frame_indices"].to_pylist()))
     if any(claimed.frames(video_id) & set(frames) for video_id, frames in rows):
         fs.delete_file(path)
@@ -562,5 +597,5 @@ def read_error_rows(output: str, files: set[str]) -> list[dict]:
     if not files:
         return []
     fs, _ = filesystem_and_path(output)
-    rows = pads.dataset(sorted(files), format="parquet", filesystem=fs).to_table().to_pylist()
+    rows = pads.dataset(sorted(files), format=VERIFIED_PARQUET, filesystem=fs).to_table().to_pylist()
     return sorted(rows, key=lambda row: (row["source_path"], row["frame_indices"]))

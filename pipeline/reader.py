@@ -22,13 +22,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.commit import (DamagedOutputError, OutputIndex, committed_files, read_index, read_verified,
-                             unreadable_files)
+from pipeline.commit import (DamagedOutputError, OutputIndex, committed_files, read_index, read_parquet_files,
+                             read_verified)
 from pipeline.inputs import filesystem_and_path
 from pipeline.schema import (ERROR_SCHEMA, SCHEMA_VERSION, differing_settings, expected_tiles, read_file_metadata,
                              shard_schema)
@@ -247,12 +246,7 @@ class TokenReader:
         files = committed_files(self.filesystem, self._root, "errors")
         if not files:
             return ERROR_SCHEMA.empty_table()
-        try:
-            return pads.dataset(files, format="parquet", filesystem=self.filesystem, schema=ERROR_SCHEMA).to_table()
-        except (OSError, pa.ArrowException) as error:
-            bad = unreadable_files(self.filesystem, files)
-            raise DamagedOutputError(self.out_dir, [f"{path}: {why}" for path, why in bad.items()] or [str(error)]) \
-                from error
+        return read_parquet_files(self.filesystem, files, ERROR_SCHEMA, self.out_dir)
 
     # -- internals --------------------------------------------------------------------------------
 
@@ -329,7 +323,11 @@ class TokenReader:
             columns, expected = schema.remove_metadata(), shard_schema(self.hidden_size)
             if not columns.equals(expected):
                 raise ShardFormatError(f"{path}: columns {columns} differ from the shard schema {expected}")
-            differing = differing_settings(read_file_metadata(schema), self.metadata)
+            try:
+                recorded = read_file_metadata(schema)
+            except ValueError as error:  # its JSON (or the text of it) damaged
+                raise DamagedOutputError(self.out_dir, [f"{path}: its settings metadata does not parse"]) from error
+            differing = differing_settings(recorded, self.metadata)
             if differing:
                 raise MixedShardsError(f"{path} was made with other settings than its index records: {differing}")
             self._footers[name] = footer

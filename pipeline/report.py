@@ -7,9 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 
-from pipeline.commit import DamagedOutputError, unreadable_files
+from pipeline.commit import read_parquet_files
 from pipeline.reader import TokenReader
 from pipeline.schema import shard_schema
 
@@ -113,11 +112,7 @@ def summarize(reader: TokenReader) -> RunReport:
     Raises:
         pipeline.commit.DamagedOutputError: a shard cannot be read (each such file named).
     """
-    try:
-        keys = pads.dataset(reader.files, format="parquet", filesystem=reader.filesystem, schema=KEY_SCHEMA).to_table()
-    except (OSError, pa.ArrowException) as error:
-        bad = unreadable_files(reader.filesystem, reader.files)
-        raise DamagedOutputError(reader.out_dir, [f"{path}: {why}" for path, why in bad.items()] or [str(error)]) from error
+    keys = read_parquet_files(reader.filesystem, reader.files, KEY_SCHEMA, reader.out_dir)
     frames = keys.group_by(["video_id", "frame_index"]).aggregate([("num_tokens", "sum")])
     errors = reader.errors()
     shard_ids = set(pc.unique(keys["video_id"]).to_pylist())

@@ -292,8 +292,8 @@ def run(config: EncodeConfig) -> RunSummary:
         KeyboardInterrupt, SystemExit: the run was interrupted (Ctrl-C, SIGTERM); its record says so.
     """
     started = time.time()
-    if os.path.isdir(config.model):  # one spelling of a local folder (`clip/`, `./clip`, `/abs/clip`)
-        config = dataclasses.replace(config, model=os.path.abspath(config.model))
+    if os.path.isdir(config.model):  # one name for a local folder (`clip/`, `./clip`, a link to it)
+        config = dataclasses.replace(config, model=os.path.realpath(config.model))
     try:
         # Pinned once here; every encoder actor loads exactly this revision (`operators.encode`).
         config = dataclasses.replace(config, model_revision=resolve_revision(config.model, config.model_revision))
@@ -421,7 +421,7 @@ def _encode(config: EncodeConfig, listing: Listing, image_size: int, metadata_: 
     if prepared.adopted:
         logger.info("committed %d shard(s) an interrupted run wrote but did not index", len(prepared.adopted))
     for path in prepared.set_aside:
-        logger.warning("set aside damaged %s (its frames are encoded again)", path)
+        logger.warning("set aside damaged %s", path)
     inputs = listing.items
     state = prepared.state
     rows = pending_rows(inputs, state)

@@ -219,7 +219,8 @@ class RunLog:
 def write_run_record(output: str, run_id: str, record: dict) -> str:
     """Write ``record`` as ``OUT/runs/<run-id>.json`` and copy it to ``OUT/manifest.json`` (the newest run).
 
-    Each file is published whole (`pipeline.commit.publish`), so a reader never sees half of one. A ``manifest.json`` from before runs were recorded (one without a ``run_id``, or not readable
+    Each file is published whole (`pipeline.commit.publish`), so a reader never sees half of one. A
+    ``manifest.json`` from before runs were recorded (one without a ``run_id``, or not readable
     as a record) is first kept as ``runs/<its finished_at as a run id>-legacy.json``, which sorts among
     the run records by time. Returns where the record is, as a user names it.
 

@@ -85,7 +85,8 @@ class ShardSink(Datasink[WriteStats]):
         return max(1, min(self.frames_per_shard, self.shard_bytes // largest))
 
     def _bytes_per_token(self) -> int:
-        return self.schema.field("tokens").type.value_type.list_size * 2 + 2 + 4  # fp16 values, int16 position, fp32 score
+        # fp16 values, int16 position, fp32 score
+        return self.schema.field("tokens").type.value_type.list_size * 2 + 2 + 4
 
     def on_write_start(self, schema: pa.Schema | None = None) -> None:
         fs, root = filesystem_and_path(self.output)

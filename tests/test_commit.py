@@ -3,6 +3,7 @@ damaged files, the output lease, pinned model revisions, and an object-store out
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -24,12 +25,12 @@ import torch
 from PIL import Image
 from transformers import CLIPModel
 
-from pipeline.commit import DamagedOutputError, merge_index_parts, parquet_bytes, publish
+from pipeline.commit import DamagedOutputError, commit_errors, merge_index_parts, parquet_bytes, publish
 from pipeline.config import EncodeConfig
 from pipeline.lease import LeaseLost, OutputLease, check_held
 from pipeline.reader import ShardFormatError, TokenReader
 from pipeline.run import OutputBusy, RunFailed, RunSetupError, run
-from pipeline.schema import expected_tiles
+from pipeline.schema import ERROR_SCHEMA, METADATA_KEY, expected_tiles
 from media import decode_frame, video
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,33 +162,41 @@ def test_a_lost_index_and_a_stale_copy_of_a_committed_shard_are_healed_without_d
     assert shard_rows(output).equals(shard_rows(original))
 
 
-def test_damage_inside_a_file_is_found_by_its_page_checksums(reference, tmp_path, tiny_clip_dir):
+def test_damage_inside_files_is_found_and_set_aside(reference, tmp_path, tiny_clip_dir):
     """A shard damaged in place (same size) is named by the reader; the job checks sizes only, but
-    --set-aside-damaged reads every shard and finds it; an unreadable first index file is named too."""
+    --set-aside-damaged reads every committed shard and finds it. An unreadable (first) index file is
+    named; set aside, its shards are adopted again, except one whose settings metadata is damaged."""
     inputs, original = reference
     output = tmp_path / "out"
     shutil.copytree(original, output)
-    shard = sorted((output / "shards").glob("*.parquet"))[2]
-    data = bytearray(shard.read_bytes())
+    shards = sorted((output / "shards").glob("*.parquet"))
+    data = bytearray(shards[2].read_bytes())
     data[len(data) // 3] ^= 0xFF
-    shard.write_bytes(bytes(data))
-    video_id = pq.read_table(original / "shards" / shard.name, columns=["video_id"])["video_id"][0].as_py()
-    with pytest.raises(DamagedOutputError, match=shard.name):
+    shards[2].write_bytes(bytes(data))
+    video_id = pq.read_table(original / "shards" / shards[2].name, columns=["video_id"])["video_id"][0].as_py()
+    with pytest.raises(DamagedOutputError, match=shards[2].name):
         TokenReader(str(output)).load(video_id)
-    [index] = (output / "index").glob("*.parquet")
-    index.write_bytes(index.read_bytes()[:40])
-    with pytest.raises(RunFailed) as failure:
-        run(EncodeConfig(input=str(inputs), output=str(output), model=str(tiny_clip_dir), num_frames=3))
-    assert isinstance(failure.value.__cause__, DamagedOutputError) and index.name in str(failure.value.__cause__)
+    config = EncodeConfig(input=str(inputs), output=str(output), model=str(tiny_clip_dir), num_frames=3)
+    assert run(config).rows == 0, "sizes match: not found without the flag"
+    summary = run(dataclasses.replace(config, set_aside_damaged=True))
+    assert (summary.frames, summary.rows) == (1, 1) and (output / "damaged" / "shards" / shards[2].name).exists()
 
-    summary = run(EncodeConfig(input=str(inputs), output=str(output), model=str(tiny_clip_dir), num_frames=3,
-                               set_aside_damaged=True))
-    assert sorted(p.name for p in (output / "damaged").rglob("*.parquet")) == sorted([index.name, shard.name])
+    index = sorted((output / "index").glob("*.parquet"))[0]  # the first run's, which names shards[4]
+    index.write_bytes(index.read_bytes()[:40])
+    table = pq.read_table(shards[4])
+    pq.write_table(table.replace_schema_metadata({METADATA_KEY: b'{"schema_version": "3", "mod'}), shards[4])
+    with pytest.raises(RunFailed) as failure:
+        run(config)
+    assert isinstance(failure.value.__cause__, DamagedOutputError) and index.name in str(failure.value.__cause__)
+    summary = run(dataclasses.replace(config, set_aside_damaged=True))
     assert (summary.frames, summary.rows) == (1, 1), "the other shards adopted, the damaged one's frame encoded"
-    reader = TokenReader(str(output))
-    assert sorted(reader.video_ids()) == sorted(TokenReader(str(original)).video_ids())
-    assert [f.frame_index for f in reader.load(video_id).frames] == [
-        f.frame_index for f in TokenReader(str(original)).load(video_id).frames]
+    assert sorted(p.name for p in (output / "damaged").rglob("*.parquet")) == sorted(
+        [index.name, shards[2].name, shards[4].name])
+    reader, want = TokenReader(str(output)), TokenReader(str(original))
+    assert sorted(reader.video_ids()) == sorted(want.video_ids())
+    for video_id in want.video_ids():
+        assert [f.frame_index for f in reader.load(video_id).frames] == [
+            f.frame_index for f in want.load(video_id).frames]
 
 
 def test_readers_opened_while_a_run_merges_its_index_see_every_committed_shard(reference, tmp_path):
@@ -222,10 +231,21 @@ def test_readers_opened_while_a_run_merges_its_index_see_every_committed_shard(r
 
 
 def test_a_damaged_error_file_is_named_by_the_reader(tmp_path):
-    (tmp_path / "errors").mkdir()
-    (tmp_path / "errors" / "part-0.parquet").write_bytes(b"PAR1 not a whole file")
+    """Cut short, or damaged in place (its page CRC fails)."""
+    errors = pa.table({"video_id": ["v-0"], "source_path": ["/v.mp4"], "error_type": ["VideoDecodeError"],
+                       "error_message": ["cannot open the file as a video"], "frame_indices": [[]]},
+                      schema=ERROR_SCHEMA)
+    commit_errors(pa.fs.LocalFileSystem(), str(tmp_path), errors, {})
     (tmp_path / "manifest.json").write_text("{}")
-    with pytest.raises(DamagedOutputError, match="part-0.parquet"):
+    [path] = (tmp_path / "errors").glob("*.parquet")
+    assert TokenReader(str(tmp_path)).errors()["video_id"].to_pylist() == ["v-0"]
+    data = bytearray(path.read_bytes())
+    data[data.index(b"v-0")] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(DamagedOutputError, match=path.name):
+        TokenReader(str(tmp_path)).errors()
+    path.write_bytes(b"PAR1 not a whole file")
+    with pytest.raises(DamagedOutputError, match=path.name):
         TokenReader(str(tmp_path)).errors()
 
 
