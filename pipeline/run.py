@@ -277,8 +277,8 @@ def run(config: EncodeConfig) -> RunSummary:
     """Encode every input of ``config`` into ``config.output``; inputs already committed are skipped.
 
     Checks that need no Ray (the model's config, the output's settings, the input listing) run first.
-    Then the run gets an id and takes the output's lease (one job per output); its log goes to ``OUT/logs/<run-id>.log``
-    and its record (config, versions, summary, status) to ``OUT/runs/<run-id>.json`` and
+    Then the run gets an id and takes the output's lease (one job per output); its log goes to
+    ``OUT/logs/<run-id>.log`` and its record (config, versions, summary, status) to ``OUT/runs/<run-id>.json`` and
     ``OUT/manifest.json``: written at the start with status ``running``, and again when the run
     completes, fails or is interrupted. Every error row the run commits is logged with its reason, also
     when it stops early.
@@ -322,7 +322,7 @@ def run(config: EncodeConfig) -> RunSummary:
     except OutputLocked as error:
         raise OutputBusy(str(error)) from error
     except OSError as error:
-        raise RunSetupError(f"cannot write to the output {config.output}: {error}") from error
+        raise RunSetupError(f"cannot write to the output {redact_credentials(config.output)}: {error}") from error
     try:
         return _run_holding_lease(config, listing, vision.image_size, metadata_, run_id, started, lease)
     finally:
@@ -349,7 +349,7 @@ def _run_holding_lease(config: EncodeConfig, listing: Listing, image_size: int, 
         write_run_record(config.output, run_id, record)  # also proves the output can be written
     except (OSError, ValueError) as error:
         run_log.close()
-        raise RunSetupError(f"cannot write to the output {config.output}: {error}") from error
+        raise RunSetupError(f"cannot write to the output {redact_credentials(config.output)}: {error}") from error
     with run_log:
         logger.info("run %s: %s job, output %s, log %s", run_id, config.media, redact_credentials(config.output),
                     run_log.path)

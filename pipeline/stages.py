@@ -214,6 +214,5 @@ class EncodeTokens:
             "scores": per_frame(ragged(scores, num_tokens, pa.float32())),
             "source_info": source_info_array([json.loads(info) for info in frames["source_info"]]),
         }
-        nulls = {name: pa.nulls(len(counts), type_) for name, type_ in
-                 ((f.name, f.type) for f in self.schema) if name not in columns}
-        return pa.Table.from_pydict({**columns, **nulls}, schema=self.schema)
+        errors = {f.name: pa.nulls(len(counts), f.type) for f in self.schema if f.name not in columns}  # unset
+        return pa.Table.from_pydict({**columns, **errors}, schema=self.schema)
