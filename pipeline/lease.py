@@ -113,7 +113,10 @@ class OutputLease:
             if holder.path == self.path:
                 continue
             if self._is_stale(holder):
-                self.fs.delete_file(holder.path)
+                try:
+                    self.fs.delete_file(holder.path)
+                except FileNotFoundError:
+                    pass  # another job starting now removed it first; seeing each other, at least one refuses
                 self.taken_over.append(holder)
                 logger.warning("took over the lease of %s: stale", holder.describe())
             else:
