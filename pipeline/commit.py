@@ -67,15 +67,16 @@ logger = logging.getLogger(__name__)
 
 
 class DamagedOutputError(Exception):
-    """Committed files of the output cannot be read back whole: ``files`` names each, with what is wrong."""
+    """Committed files of the output cannot be read back whole: ``damaged`` maps each to what is wrong."""
 
-    def __init__(self, output: str, files: list[str]) -> None:
-        listed = "".join(f"\n  {line}" for line in files[:20])
-        more = f"\n  ... and {len(files) - 20} more" if len(files) > 20 else ""
+    def __init__(self, output: str, damaged: dict[str, str]) -> None:
+        lines = [f"{path}: {reason}" for path, reason in sorted(damaged.items())]
+        listed = "".join(f"\n  {line}" for line in lines[:20])
+        more = f"\n  ... and {len(lines) - 20} more" if len(lines) > 20 else ""
         where = redact_credentials(output)
-        super().__init__(f"{where} has {len(files)} damaged file(s):{listed}{more}\nRun again with "
+        super().__init__(f"{where} has {len(lines)} damaged file(s):{listed}{more}\nRun again with "
                          f"--set-aside-damaged to move them to {DAMAGED}/ and encode their frames again.")
-        self.files = files
+        self.damaged = damaged
 
 
 # -- publishing one file ---------------------------------------------------------------------------
@@ -245,8 +246,7 @@ def read_index(fs: pafs.FileSystem, root: str, threads: int = 16) -> OutputIndex
             tables = list(pool.map(partial(_read_whole, fs), files))
         if all(table is not None for table in tables):
             break  # else a file listed was gone when read: a merge (or a set-aside) replaced it; list again
-    bad = [f"{path}: {'missing' if table is None else table}" for path, table in zip(files, tables)
-           if not isinstance(table, pa.Table)]
+    bad = {path: table or "missing" for path, table in zip(files, tables) if not isinstance(table, pa.Table)}
     if bad:
         raise DamagedOutputError(root, bad)
     entries = pa.concat_tables([table.select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA) for table in tables])
@@ -277,7 +277,11 @@ def _read_whole(fs: pafs.FileSystem, path: str) -> pa.Table | str | None:
     except FileNotFoundError:
         return None
     except (OSError, pa.ArrowException) as error:
-        return str(error).splitlines()[0] if str(error) else type(error).__name__
+        return _first_line(error)
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error) or type(error).__name__).splitlines()[0]
 
 
 def _first_occurrences(keys: pa.Array) -> list[int]:
@@ -306,7 +310,7 @@ def merge_index_parts(fs: pafs.FileSystem, root: str, run_id: str) -> int:
     name = f"{root}/index/run-{run_id}.parquet"
     if fs.get_file_info(name).type == pafs.FileType.File:  # a second merge in the same run
         with fs.open_input_file(name) as handle:
-            merged = pa.concat_tables([pq.read_table(handle), merged])
+            merged = pa.concat_tables([read_verified(handle).read(), merged])
     publish(fs, name, parquet_bytes(merged))
     for path in parts:
         fs.delete_file(path)
@@ -375,7 +379,7 @@ def read_commit_state(output: str) -> CommitState:
     damaged: dict[str, str] = {}
     errors = _read_errors(fs, root, damaged)
     if damaged:
-        raise DamagedOutputError(output, [f"{path}: {reason}" for path, reason in sorted(damaged.items())])
+        raise DamagedOutputError(output, damaged)
     return commit_state(read_index(fs, root).entries, errors)
 
 
@@ -413,8 +417,8 @@ def prepare_output(output: str, metadata: dict, set_aside: bool) -> PreparedOutp
     moved: list[str] = []
     try:
         index = read_index(fs, root)
-    except DamagedOutputError:
-        damaged.update(unreadable_files(fs, committed_files(fs, root, "index")))
+    except DamagedOutputError as error:
+        damaged.update(error.damaged)
         index = None
     errors = _read_errors(fs, root, damaged)
     if damaged and set_aside:  # unreadable index or error files: the shards they named are adopted below
@@ -444,7 +448,7 @@ def prepare_output(output: str, metadata: dict, set_aside: bool) -> PreparedOutp
             elif kept:
                 adopted.append(name)
     if damaged and not set_aside:
-        raise DamagedOutputError(output, [f"{path}: {reason}" for path, reason in sorted(damaged.items())])
+        raise DamagedOutputError(output, damaged)
     if damaged:
         _set_aside(fs, root, sorted(damaged))
         moved += sorted(damaged)
@@ -482,8 +486,8 @@ def read_parquet_files(fs: pafs.FileSystem, files: list[str], schema: pa.Schema,
     try:
         return pads.dataset(files, format=VERIFIED_PARQUET, filesystem=fs, schema=schema).to_table()
     except (OSError, pa.ArrowException) as error:
-        bad = unreadable_files(fs, files)
-        raise DamagedOutputError(output, [f"{path}: {why}" for path, why in bad.items()] or [str(error)]) from error
+        bad = unreadable_files(fs, files) or {os.path.dirname(files[0]): str(error)}  # else: the folder read
+        raise DamagedOutputError(output, bad) from error
 
 
 def _read_errors(fs: pafs.FileSystem, root: str, damaged: dict[str, str]) -> pa.Table:
@@ -491,10 +495,9 @@ def _read_errors(fs: pafs.FileSystem, root: str, damaged: dict[str, str]) -> pa.
     files = committed_files(fs, root, "errors")
     try:
         return read_parquet_files(fs, files, ERROR_SCHEMA, root)
-    except DamagedOutputError:
-        bad = unreadable_files(fs, files)
-        damaged.update(bad)
-        return read_parquet_files(fs, [path for path in files if path not in bad], ERROR_SCHEMA, root)
+    except DamagedOutputError as error:
+        damaged.update(error.damaged)
+        return read_parquet_files(fs, [path for path in files if path not in error.damaged], ERROR_SCHEMA, root)
 
 
 def _read_shard(fs: pafs.FileSystem, path: str, metadata: dict,
@@ -508,7 +511,7 @@ def _read_shard(fs: pafs.FileSystem, path: str, metadata: dict,
             parquet = read_verified(handle)
             table = parquet.read()
     except (OSError, pa.ArrowException) as error:
-        return f"unreadable: {(str(error) or type(error).__name__).splitlines()[0]}"
+        return f"unreadable: {_first_line(error)}"
     try:
         recorded = read_file_metadata(table.schema)
     except ValueError:  # JSON (or its text) damaged

@@ -313,12 +313,12 @@ class TokenReader:
         if name not in self._footers:
             path = self._path(name)
             if handle.size() != self._sizes[name]:
-                raise DamagedOutputError(self.out_dir, [f"{path}: {handle.size()} bytes, committed with "
-                                                        f"{self._sizes[name]} bytes"])
+                raise DamagedOutputError(self.out_dir, {path: f"{handle.size()} bytes, committed with "
+                                                           f"{self._sizes[name]} bytes"})
             try:
                 footer = pq.read_metadata(handle)
             except (OSError, pa.ArrowException) as error:
-                raise DamagedOutputError(self.out_dir, [f"{path}: {error}"]) from error
+                raise DamagedOutputError(self.out_dir, {path: str(error)}) from error
             schema = footer.schema.to_arrow_schema()
             columns, expected = schema.remove_metadata(), shard_schema(self.hidden_size)
             if not columns.equals(expected):
@@ -326,7 +326,7 @@ class TokenReader:
             try:
                 recorded = read_file_metadata(schema)
             except ValueError as error:  # its JSON (or the text of it) damaged
-                raise DamagedOutputError(self.out_dir, [f"{path}: its settings metadata does not parse"]) from error
+                raise DamagedOutputError(self.out_dir, {path: "its settings metadata does not parse"}) from error
             differing = differing_settings(recorded, self.metadata)
             if differing:
                 raise MixedShardsError(f"{path} was made with other settings than its index records: {differing}")
@@ -343,9 +343,9 @@ class TokenReader:
             with self.filesystem.open_input_file(self._path(name)) as handle:
                 table = read_verified(handle, metadata=self._footer(name, handle)).read_row_group(group)
         except FileNotFoundError as error:
-            raise DamagedOutputError(self.out_dir, [f"{self._path(name)}: missing"]) from error
+            raise DamagedOutputError(self.out_dir, {self._path(name): "missing"}) from error
         except (OSError, pa.ArrowException) as error:  # a page whose CRC fails, data that does not decode
-            raise DamagedOutputError(self.out_dir, [f"{self._path(name)}: {error}"]) from error
+            raise DamagedOutputError(self.out_dir, {self._path(name): str(error)}) from error
         self.row_groups_read += 1
         self._cache[key] = table
         if len(self._cache) > self._cache_size:
