@@ -36,6 +36,13 @@ class EncodeConfig:
     num_frames: int | None = _flag("videos: frames sampled uniformly over the whole video", 8)
     fps: float | None = _flag("videos: sample this many frames per second instead of --num-frames")
     max_frames: int | None = _flag("videos: with --fps, at most this many frames (uniformly among the sampled)")
+    key_frames: bool = _flag(
+        "videos: take the key frame nearest to each sampled frame instead of the frame itself, when one lies "
+        "between the neighbouring sampled frames (and within --key-frame-tolerance-s): much cheaper decoding, "
+        "frames up to that far from the sampled times; rows record the frame taken", False)
+    key_frame_tolerance_s: float | None = _flag(
+        "videos, with --key-frames: the farthest (seconds) a key frame may be from the sampled frame it replaces "
+        "(default: no limit but the neighbouring sampled frames)")
     method: Literal["prumerge", "prumerge+", "fixed"] = _flag(
         "token reduction", "prumerge", choices=("prumerge", "prumerge+", "fixed"))
     budget: int | None = _flag("tokens kept per frame/tile with --method fixed (plus one merged extra token)")
@@ -113,10 +120,11 @@ class EncodeConfig:
     def sampling(self) -> FrameSampling:
         """The videos' frame sampling; raises ValueError (naming the flag) when out of range."""
         try:
-            return FrameSampling(num_frames=self.num_frames, fps=self.fps, max_frames=self.max_frames)
+            return FrameSampling(num_frames=self.num_frames, fps=self.fps, max_frames=self.max_frames,
+                                 key_frames=self.key_frames, key_frame_tolerance_s=self.key_frame_tolerance_s)
         except ValueError as error:
             message = str(error)
-            for name in ("num_frames", "max_frames", "fps"):
+            for name in ("num_frames", "max_frames", "key_frame_tolerance_s", "key_frames", "fps"):
                 message = message.replace(name, "--" + name.replace("_", "-"))
             raise ValueError(message) from error
 

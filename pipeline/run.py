@@ -100,7 +100,10 @@ def run_metadata(config: EncodeConfig, vision: CLIPVisionConfig) -> dict:
             "anyres": config.anyres,
             "pinpoints": config.pinpoints if config.anyres else None,
         },
-        "sampling": {"num_frames": config.num_frames, "fps": config.fps, "max_frames": config.max_frames},
+        "sampling": {"num_frames": config.num_frames, "fps": config.fps, "max_frames": config.max_frames,
+                     # only when on: outputs written before the option existed stay resumable
+                     **({"key_frames": True, "key_frame_tolerance_s": config.key_frame_tolerance_s}
+                        if config.key_frames else {})},
     }
 
 

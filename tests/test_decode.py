@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from operators.decode import DecodedFrame, FrameError, VideoDecodeError, VideoReader
-from operators.sampling import FrameSampling, sample_frame_indices
+from operators.frames import FrameRequest, frame_rows
+from operators.sampling import FrameSampling, nearest_key_frames, sample_frame_indices
 from media import DECODABLE, frame_number, hostile, pyav_frames, video, write_clip, write_numbered_clip
 
 # The hostile clips' truth (tests/data/hostile-videos/README.md): presented frames, the number drawn in
@@ -194,6 +195,56 @@ def test_sampling_policy_is_validated():
         FrameSampling(num_frames=None)
     with pytest.raises(ValueError):
         FrameSampling(num_frames=0)
+    with pytest.raises(ValueError, match="key_frame_tolerance_s must be >= 0"):
+        FrameSampling(key_frames=True, key_frame_tolerance_s=-1.0)
+    with pytest.raises(ValueError, match="only used with key_frames"):
+        FrameSampling(key_frame_tolerance_s=1.0)
+
+
+class _Timeline:
+    """100 frames at 1 fps, key frames every 10 (or as given)."""
+
+    def __init__(self, keys=range(0, 100, 10)) -> None:
+        self.num_frames = 100
+        self.duration_s = 100.0
+        self.timestamps_s = np.arange(100, dtype=np.float64)
+        self.key_frame_indices = np.asarray(list(keys), dtype=np.int64)
+
+
+def test_key_frame_sampling_takes_the_nearest_key_frame_between_the_neighbours():
+    timeline = _Timeline()
+    uniform = sample_frame_indices(timeline, FrameSampling(num_frames=5))
+    assert uniform.tolist() == [0, 24, 49, 74, 99]
+    # 24 -> 20 (4 s) not 30 (6 s); 99 -> 90: the nearest after the frame taken before (70)
+    assert sample_frame_indices(timeline, FrameSampling(num_frames=5, key_frames=True)).tolist() == [0, 20, 50, 70, 90]
+    within_3s = FrameSampling(num_frames=5, key_frames=True, key_frame_tolerance_s=3.0)
+    assert sample_frame_indices(timeline, within_3s).tolist() == [0, 24, 50, 74, 99]
+    # two sampled frames near one key frame: the first takes it, the second keeps its own frame; order kept
+    assert nearest_key_frames(_Timeline([12]), np.array([10, 14])).tolist() == [12, 14]
+    # a key frame beyond the next sampled frame is never taken (it would reorder the frames)
+    assert nearest_key_frames(_Timeline([30]), np.array([10, 20, 25])).tolist() == [10, 20, 30]
+    every_second = sample_frame_indices(timeline, FrameSampling(num_frames=None, fps=1.0, key_frames=True))
+    assert every_second.tolist() == list(range(100)), "every frame sampled: nothing to swap"
+    assert nearest_key_frames(_Timeline([]), uniform).tolist() == uniform.tolist(), "frame-order streams: unchanged"
+
+
+def test_key_frame_mode_rows_record_the_frame_taken(tmp_path):
+    """The key frames the probe finds are the encoder's; each row is the key frame it says it is (its drawn
+    number, its own timestamp), and a sampled frame without a key frame near it is decoded exactly."""
+    path = write_numbered_clip(tmp_path / "keys.mp4", 100, fps=25, options={"g": "25", "keyint_min": "25",
+                                                                             "sc_threshold": "0"})
+    with av.open(str(path)) as container:
+        encoder_keys = [i for i, frame in enumerate(container.decode(video=0)) if frame.key_frame]
+    assert encoder_keys == [0, 25, 50, 75]
+    with VideoReader(str(path)) as reader:
+        assert reader.info.key_frame_indices.tolist() == encoder_keys
+        times = reader.info.timestamps_s
+    sampling = FrameSampling(num_frames=5, key_frames=True, key_frame_tolerance_s=0.5)  # 0, 24, 49, 74, 99
+    rows = [row for row in frame_rows(FrameRequest(path=str(path), sampling=sampling, image_size=64))
+            if row["kind"] == "frame"]
+    assert [row["frame_index"] for row in rows] == [0, 25, 50, 75, 99]  # 99: 1 s from 75, beyond the tolerance
+    assert [row["timestamp_s"] for row in rows] == [times[i] for i in (0, 25, 50, 75, 99)]
+    assert [frame_number(row["pixels"][0]) for row in rows] == [0, 25, 50, 75, 99]
 
 
 def test_long_video_streams_one_frame_at_a_time(tmp_path):
@@ -341,3 +392,41 @@ def test_a_rotation_that_is_not_a_quarter_turn_is_not_applied(tmp_path):
     with VideoReader(str(clip)) as reader:
         assert (reader.info.rotation, reader.info.width, reader.info.height) == (0, 320, 240)
     assert [n for _, n, _ in numbers(clip)] == list(range(5))
+
+
+def _moving_pictures(count: int, width: int = 192, height: int = 112):
+    """Detailed, moving pictures: each frame's pixels depend on the frames it is predicted from."""
+    rng = np.random.default_rng(7)
+    texture = rng.integers(0, 256, (height, 2 * width, 3), dtype=np.uint8)
+    for index in range(count):
+        picture = np.ascontiguousarray(np.roll(texture, 3 * index, axis=1)[:, :width])
+        picture[: height // 3, : width // 3] = (index * 11) % 256
+        yield picture
+
+
+@pytest.mark.parametrize("codec, options", [
+    ("libx264", {"preset": "medium", "bf": "3", "b-pyramid": "normal", "g": "24", "keyint_min": "24", "sc_threshold": "0"}),
+    ("libx265", {"x265-params": "keyint=24:min-keyint=24:bframes=4:b-pyramid=1:log-level=error"}),
+    ("libvpx-vp9", {"g": "24", "auto-alt-ref": "1", "lag-in-frames": "16"}),
+    ("mpeg2video", {"g": "12", "bf": "2"}),
+])
+@pytest.mark.parametrize("threads", [1, 0])
+def test_skipping_and_draining_change_no_pixel(tmp_path, codec, options, threads):
+    """Frames nothing refers to are skipped and the decoder is drained after the last target: every target's
+    pixels stay exactly those of decoding the whole stream in order, with one thread or FFmpeg's frame threads."""
+    path = tmp_path / f"clip.{'webm' if 'vp' in codec else 'mkv'}"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=24)
+        stream.width, stream.height, stream.pix_fmt = 192, 112, "yuv420p"
+        stream.options = options
+        for picture in _moving_pictures(96):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")))
+        container.mux(stream.encode())
+    with av.open(str(path)) as container:
+        reference = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    assert len(reference) == 96
+    with VideoReader(str(path), threads=threads) as reader:
+        assert reader.info.num_frames == 96 and len(reader.info.key_frame_indices) >= 4
+        for indices in ([5, 6, 7, 30, 95], list(range(1, 96, 5)), [23, 24, 25], list(range(96))):
+            for frame in decoded(reader, indices):
+                np.testing.assert_array_equal(frame.pixels, reference[frame.index], err_msg=f"frame {frame.index}")
