@@ -59,11 +59,15 @@ class EncodeConfig:
     batch_size: int = _flag("frames per encoder batch (AnyRes frames count once, whatever their tiles)", 16)
     decode_timeout_s: float = _flag("a decoder that delivers no frame for this many seconds is stopped as hung; "
                                      "the input's frames it did not deliver become an error row", 300.0)
-    num_decoders: int | None = _flag("decoder actors, each decoding one input at a time (default: the cluster's "
-                                     "CPUs minus the encoders)")
-    num_encoders: int | None = _flag("encoder actors (default: one per GPU, or 1 without GPUs)")
-    encoder_threads: int | None = _flag("CPU encoders: torch threads per actor (default: all cores of the node)")
-    device: str | None = _flag("encoder device (default: cuda when the cluster has GPUs, else cpu)")
+    num_decoders: int | None = _flag("decoder actors, one CPU each, each decoding one input at a time with one "
+                                     "thread (default: the cluster's CPUs the encoders do not reserve)")
+    num_encoders: int | None = _flag("encoder actors (default: one per GPU; on CPU one per node with room for it)")
+    encoder_threads: int | None = _flag("CPU encoders: torch threads per actor, and the CPUs it reserves (default: "
+                                        "a node's CPUs minus one)")
+    device: str | None = _flag("encoder device: cpu or cuda (default: cuda when the cluster has GPUs, else cpu, "
+                               "with a warning); cuda waits for GPUs (--gpu-wait-s), never falls back to cpu")
+    gpu_wait_s: float = _flag("with --device cuda on a cluster without GPUs: seconds to wait for GPU nodes (an "
+                              "autoscaler is asked for one) before failing", 600.0)
     dtype: Literal["float32", "float16", "bfloat16"] | None = _flag(
         "encoder dtype (default: float16 on cuda, float32 on cpu)", None, choices=("float32", "float16", "bfloat16"))
     frames_per_shard: int = _flag("frames gathered into one shard file, each with all its views (larger: fewer, "
@@ -99,6 +103,10 @@ class EncodeConfig:
             raise ValueError("--shard-mb must be a positive number")
         if not self.decode_timeout_s > 0:
             raise ValueError("--decode-timeout-s must be > 0")
+        if not self.gpu_wait_s >= 0:
+            raise ValueError("--gpu-wait-s must be >= 0")
+        if self.encoder_threads is not None and self.encoder_threads < 1:
+            raise ValueError("--encoder-threads must be >= 1")
         self.pinpoint_list()  # refuses a malformed --pinpoints now, not in every input's decoder
 
     def check_model_fit(self, image_size: int, patch_size: int) -> None:

@@ -25,6 +25,7 @@ from pipeline.commit import (CommitState, DamagedOutputError, committed_files, e
 from pipeline.inputs import VIDEO_ID_RULE, InputItem, Listing, filesystem_and_path, list_inputs, redact_credentials
 from pipeline.lease import OutputLease, OutputLocked
 from pipeline.report import failure_line
+from pipeline.resources import ResourcePlan, ResourcesUnavailable, plan_resources
 from pipeline.runlog import RunLog, new_run_id, plain_text, utc_timestamp, write_run_record
 from pipeline.schema import SCHEMA_VERSION, differing_settings, read_file_metadata
 from pipeline.sink import ShardSink, WriteStats
@@ -179,14 +180,6 @@ def _ensure_ray(config: EncodeConfig) -> None:
         init_ray(address=config.ray_address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
 
 
-def _encoder_resources(config: EncodeConfig) -> tuple[int, float]:
-    """(actors, GPUs per actor): one actor per GPU when the cluster has GPUs, else CPU actors."""
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    use_gpu = config.device != "cpu" and gpus > 0
-    actors = config.num_encoders or (gpus if use_gpu else 1)
-    return actors, (1.0 if use_gpu else 0.0)
-
-
 def pending_rows(inputs: list[InputItem], state: CommitState) -> list[dict]:
     """Input rows still to process, each carrying the frames earlier runs committed or recorded as failed.
 
@@ -211,9 +204,10 @@ def pending_rows(inputs: list[InputItem], state: CommitState) -> list[dict]:
 
 
 def build_dataset(rows: list[dict], config: EncodeConfig, image_size: int, filesystems: dict[str, pafs.FileSystem],
-                  actors: int, gpus: float, decoders: int) -> ray.data.Dataset:
+                  plan: ResourcePlan, encoder_stage: type = EncodeTokens) -> ray.data.Dataset:
     """inputs (up to `MAX_INPUT_BLOCKS` blocks) → decode (CPU actor pool, each input read once, frames
-    streamed) → encode (actor pool).
+    streamed) → encode (actor pool of ``encoder_stage``, `EncodeTokens` or a stand-in with its interface),
+    sized and placed by ``plan``.
 
     Retries are bounded: an actor that dies is restarted, and its task retried, ``ACTOR_RETRIES`` times;
     after that the run fails (a poison input cannot loop it: the decoder's own crashes are error rows)."""
@@ -228,17 +222,19 @@ def build_dataset(rows: list[dict], config: EncodeConfig, image_size: int, files
                 fn_constructor_kwargs={"config": config, "image_size": image_size, "filesystems": filesystems},
                 # one input at a time per actor: inputs never queue behind one whose decoder hangs. A fixed
                 # size: Ray (2.60) grows a pool only above 175 % use, which one task per actor never reaches.
-                compute=ray.data.ActorPoolStrategy(size=min(decoders, len(rows)), max_tasks_in_flight_per_actor=1),
+                compute=ray.data.ActorPoolStrategy(size=min(plan.decoders, len(rows)), max_tasks_in_flight_per_actor=1),
                 num_cpus=1,
                 **retries,
             )
             .map_batches(
-                EncodeTokens,
+                encoder_stage,
                 fn_constructor_kwargs={"config": config},
                 batch_size=config.batch_size,
-                compute=ray.data.ActorPoolStrategy(size=actors),
-                num_gpus=gpus,
-                num_cpus=1,
+                compute=ray.data.ActorPoolStrategy(
+                    size=plan.encoders, max_concurrent_calls_per_actor=plan.encoder_calls,
+                    enable_true_multi_threading=plan.encoder_calls > 1),
+                num_gpus=plan.encoder_gpus,
+                num_cpus=plan.encoder_cpus,
                 batch_format="numpy",
                 **retries,
             )
@@ -276,7 +272,7 @@ def brief(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0].strip()[:300]}{last}"
 
 
-def run(config: EncodeConfig) -> RunSummary:
+def run(config: EncodeConfig, encoder_stage: type = EncodeTokens) -> RunSummary:
     """Encode every input of ``config`` into ``config.output``; inputs already committed are skipped.
 
     Checks that need no Ray (the model's config, the output's settings, the input listing) run first.
@@ -291,8 +287,13 @@ def run(config: EncodeConfig) -> RunSummary:
         OutputBusy: another job holds the output (its lease, `pipeline.lease`); nothing was written.
         RunSetupError: the run could not start (see there); nothing was written.
         RunFailed: the run failed after it started; its record says ``failed``. Its ``__cause__`` is a
-            `pipeline.commit.DamagedOutputError` when committed files of the output are damaged.
+            `pipeline.commit.DamagedOutputError` when committed files of the output are damaged, a
+            `pipeline.resources.ResourcesUnavailable` when the cluster cannot hold the actors asked for
+            (or no GPU came for ``--device cuda``).
         KeyboardInterrupt, SystemExit: the run was interrupted (Ctrl-C, SIGTERM); its record says so.
+
+    ``encoder_stage`` replaces `EncodeTokens` (same constructor and call): the benchmarks' stand-in for a
+    GPU-class encoder (``benchmarks/bench_standin.py``).
     """
     started = time.time()
     if os.path.isdir(config.model):  # one name for a local folder (`clip/`, `./clip`, a link to it)
@@ -327,13 +328,13 @@ def run(config: EncodeConfig) -> RunSummary:
     except OSError as error:
         raise RunSetupError(f"cannot write to the output {redact_credentials(config.output)}: {error}") from error
     try:
-        return _run_holding_lease(config, listing, vision.image_size, metadata_, run_id, started, lease)
+        return _run_holding_lease(config, listing, vision.image_size, metadata_, run_id, started, lease, encoder_stage)
     finally:
         lease.release()
 
 
 def _run_holding_lease(config: EncodeConfig, listing: Listing, image_size: int, metadata_: dict, run_id: str,
-                       started: float, lease: OutputLease) -> RunSummary:
+                       started: float, lease: OutputLease, encoder_stage: type) -> RunSummary:
     """`run` from the moment the run has an id and holds the output: record, log, encode, record."""
     record = {
         "run_id": run_id,
@@ -365,7 +366,7 @@ def _run_holding_lease(config: EncodeConfig, listing: Listing, image_size: int, 
         try:
             errors_before = error_files(config.output)
             _log_listing(listing)
-            summary, config = _encode(config, listing, image_size, metadata_, started, run_id)
+            summary, config = _encode(config, listing, image_size, metadata_, started, run_id, encoder_stage)
             _merge_index(config.output, run_id)
             lease.check()
             _log_failures(config.output, errors_before)
@@ -387,7 +388,7 @@ def _run_holding_lease(config: EncodeConfig, listing: Listing, image_size: int, 
                 _merge_index(config.output, run_id)
             if interrupted:
                 logger.error("run %s interrupted (%r)", run_id, error)
-            elif isinstance(error, DamagedOutputError):  # the output's state, not a fault of the code: no traceback
+            elif isinstance(error, (DamagedOutputError, ResourcesUnavailable)):  # not a fault of the code: no traceback
                 logger.error("run %s failed: %s", run_id, error)
             else:
                 logger.exception("run %s failed: %s", run_id, type(error).__name__)
@@ -413,7 +414,7 @@ def _merge_index(output: str, run_id: str) -> None:
 
 
 def _encode(config: EncodeConfig, listing: Listing, image_size: int, metadata_: dict,
-            started: float, run_id: str) -> tuple[RunSummary, EncodeConfig]:
+            started: float, run_id: str, encoder_stage: type) -> tuple[RunSummary, EncodeConfig]:
     """Make the output consistent (`prepare_output`), plan against what earlier runs committed, run the
     graph, and summarise.
 
@@ -435,14 +436,13 @@ def _encode(config: EncodeConfig, listing: Listing, image_size: int, metadata_: 
     sink = ShardSink(config.output, metadata_, run_id, config.frames_per_shard, int(config.shard_mb * 2**20), views)
     if rows:
         _ensure_ray(config)
-        actors, gpus = _encoder_resources(config)
-        config = dataclasses.replace(config, device=config.device or ("cuda" if gpus else "cpu"))
-        logger.info("Ray at %s: %d encoder actor(s) on %s", ray.get_runtime_context().gcs_address, actors,
-                    config.device)
-        decoders = config.num_decoders or max(1, int(ray.cluster_resources().get("CPU", 1)) - actors)
+        plan = plan_resources(config.device, config.num_encoders, config.encoder_threads, config.num_decoders,
+                              config.gpu_wait_s)
+        config = dataclasses.replace(config, device=plan.device, encoder_threads=plan.encoder_cpus or None)
+        logger.info("Ray at %s: %s", ray.get_runtime_context().gcs_address, plan.describe())
         # Writes hold no CPU: the decoder and encoder actors hold theirs for the whole run, and a write
         # that waits for a free CPU would keep every shard in memory until the end (nothing committed).
-        build_dataset(rows, config, image_size, listing.filesystems, actors, gpus, decoders).write_datasink(
+        build_dataset(rows, config, image_size, listing.filesystems, plan, encoder_stage).write_datasink(
             sink, ray_remote_args={"num_cpus": 0})
     return summarize_run(listing, rows, state, sink.stats, time.time() - started), config
 

@@ -29,7 +29,7 @@ import torch
 from operators.encode import ClipEncoder
 from operators.frames import FrameRequest, error_row, frame_rows, frame_span
 from operators.preprocess import Preprocessing
-from operators.prumerge import prumerge
+from operators.prumerge import ReducedFrames, prumerge
 from pipeline.child import ChildFailed, ChildProcess
 from pipeline.config import EncodeConfig
 from pipeline.inputs import local_file
@@ -150,11 +150,14 @@ class DecodeInputs:
 
 
 class EncodeTokens:
-    """Ray actor: loads the tower once, then CLIP once + PruMerge per batch, on the same device."""
+    """Ray actor: loads the tower once, then CLIP once + PruMerge per batch, on the same device.
+
+    `reduce` is the device work; the rest (splitting a batch, building its Arrow table) is host work that a
+    stand-in for another device (``benchmarks/bench_standin.py``) keeps by overriding `reduce` only."""
 
     def __init__(self, config: EncodeConfig) -> None:
         device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if device == "cpu":
+        if device == "cpu":  # the threads the run's plan reserved for this actor (`pipeline.resources`)
             torch.set_num_threads(config.encoder_threads or os.cpu_count() or 1)
         self.config = config
         self.encoder = ClipEncoder(
@@ -178,18 +181,22 @@ class EncodeTokens:
         return pa.concat_tables(tables) if tables else self.schema.empty_table()
 
     @torch.inference_mode()
-    def _encode(self, frames: dict[str, np.ndarray]) -> pa.Table:
-        views = [np.asarray(pixels) for pixels in frames["pixels"]]  # each [T_i, S, S, 3] uint8
-        counts = np.array([len(v) for v in views])
-        images = torch.from_numpy(np.concatenate(views))  # [sum T, S, S, 3] uint8
+    def reduce(self, images: torch.Tensor) -> ReducedFrames:
+        """``images [V, S, S, 3]`` uint8 views (host memory) → their reduced tokens: one tower forward, then
+        PruMerge, on the encoder's device."""
         if self.encoder.device.type == "cuda":
             images = images.pin_memory()
         images = images.to(self.encoder.device, non_blocking=True)
         out = self.encoder(self.preprocessing.normalize(images))
-        reduced = prumerge(
+        return prumerge(
             out.features, out.keys, out.cls_attn,
             mode=self.config.method, budget=self.config.budget, k_neighbors=self.config.k_neighbors,
         )
+
+    def _encode(self, frames: dict[str, np.ndarray]) -> pa.Table:
+        views = [np.asarray(pixels) for pixels in frames["pixels"]]  # each [T_i, S, S, 3] uint8
+        counts = np.array([len(v) for v in views])
+        reduced = self.reduce(torch.from_numpy(np.concatenate(views)))  # [sum T] views
         # One device-to-host copy per column for the whole batch.
         num_tokens = np.array(reduced.num_tokens)  # [sum T]
         tokens = torch.cat(reduced.tokens).to(torch.float16).cpu().numpy()  # [sum n_i, C]

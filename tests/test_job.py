@@ -212,6 +212,8 @@ def test_bad_arguments_exit_2(tmp_path, tiny_clip_dir):
     (["--pinpoints", "336x"], "--pinpoints must look like"),
     (["--num-frames", "0"], "--num-frames must be >= 1, got 0"),
     (["--fps", "-1"], "--fps must be > 0, got -1.0"),
+    (["--key-frame-tolerance-s", "1"], "--key-frame-tolerance-s is only used with --key-frames"),
+    (["--device", "cpu", "--encoder-threads", "0"], "--encoder-threads must be >= 1"),
 ])
 def test_settings_the_model_cannot_serve_exit_2_before_any_work(tmp_path, tiny_clip_dir, flags, message):
     result = subprocess.run(job_command(VIDEOS, tmp_path / "o", tiny_clip_dir, *flags),
@@ -227,6 +229,25 @@ def test_mixing_settings_into_one_output_is_refused(tmp_path, tiny_clip_dir, ray
     with pytest.raises(RunSetupError, match="different settings:\n  method: existing 'prumerge', this run 'prumerge[+]'\n"):
         run(EncodeConfig(input=str(inputs), output=str(output), model=str(tiny_clip_dir), num_frames=2,
                          method="prumerge+"))
+    with pytest.raises(RunSetupError, match="different settings:\n  sampling: "):
+        run(EncodeConfig(input=str(inputs), output=str(output), model=str(tiny_clip_dir), num_frames=2, key_frames=True))
+
+
+def test_key_frame_sampling_through_the_job(tmp_path, tiny_clip_dir, ray_local):
+    """--key-frames: the rows are the key frames the sampling chose, with their own times; the output says so."""
+    inputs = make_video_inputs(tmp_path / "in", ["flipping_a_pancake.mkv"])
+    sampling = FrameSampling(num_frames=4, key_frames=True)
+    run(EncodeConfig(input=str(inputs), output=str(tmp_path / "out"), model=str(tiny_clip_dir), num_frames=4,
+                     key_frames=True))
+    info = video_info(video("flipping_a_pancake.mkv"))
+    expected = expected_frames("flipping_a_pancake.mkv", sampling)
+    assert expected != expected_frames("flipping_a_pancake.mkv", FrameSampling(num_frames=4)), "a clip where it matters"
+    rows = read(tmp_path / "out").sort_by("frame_index").to_pylist()
+    assert [row["frame_index"] for row in rows] == expected
+    assert set(expected) & set(info.key_frame_indices.tolist())
+    assert [row["timestamp_s"] for row in rows] == info.timestamps_s[expected].tolist()
+    metadata = read_file_metadata(pq.read_schema(next((tmp_path / "out" / "shards").rglob("*.parquet"))))
+    assert metadata["sampling"]["key_frames"] is True
 
 
 def test_an_output_of_an_older_version_with_only_errors_is_refused(tmp_path, tiny_clip_dir):

@@ -1,0 +1,126 @@
+"""How one run uses the Ray cluster: encoder actors, their device, threads and reservations, and decoders.
+
+Every actor reserves in Ray what it uses, so Ray never places work on cores that are already busy:
+
+* **GPU encoders** (``--device cuda``, or by default when the cluster has GPUs): one actor per GPU, each
+  reserving that GPU and no CPU: its host work (a batch's copy to pinned memory, its Arrow table) is a
+  small part of a core (``benchmarks/bench_standin.py`` measures it), and a whole reserved CPU would be
+  one decoder fewer, which is what a GPU node's throughput hangs on. Each works on two batches at once,
+  so the next one is on its way to the device while the current one runs (`ResourcePlan.encoder_calls`).
+* **CPU encoders** (``--device cpu``, or by default on a cluster without GPUs, which is logged as a
+  warning): each actor runs ``--encoder-threads`` torch threads (default: a node's CPUs minus one) and
+  reserves as many CPUs; one actor per node that has room for it and a decoder.
+* **Decoders**: one CPU each, decoding with one FFmpeg thread (`operators.decode`); by default every CPU
+  the encoders leave.
+
+``--device cuda`` on a cluster that has no GPU yet (an autoscaling cluster starts without GPU nodes) asks
+the autoscaler for GPUs and waits up to ``--gpu-wait-s`` for them, then fails: it never encodes on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import ray
+
+logger = logging.getLogger(__name__)
+
+GPU_POLL_S = 5.0
+
+
+class ResourcesUnavailable(Exception):
+    """The cluster cannot hold the actors this run needs (no GPU came, or the sizes asked for do not fit)."""
+
+
+@dataclass(frozen=True)
+class ResourcePlan:
+    """Actors and reservations of one run."""
+
+    device: str  # "cpu", or a CUDA device kind ("cuda")
+    encoders: int  # encoder actors
+    encoder_gpus: float  # GPUs each encoder reserves (0 on CPU)
+    encoder_cpus: int  # CPUs each encoder reserves; on CPU also its torch threads
+    decoders: int  # decoder actors, one CPU each
+
+    @property
+    def encoder_calls(self) -> int:
+        """Batches each encoder works on at once: on a GPU two, so that one batch's host work (its copy to
+        pinned memory, its Arrow table) runs while the other's forward runs on the device; on CPU one."""
+        return 2 if self.encoder_gpus else 1
+
+    def describe(self) -> str:
+        where = f"{self.encoder_gpus:g} GPU" if self.encoder_gpus else f"{self.encoder_cpus} CPU (torch threads)"
+        return f"{self.encoders} encoder actor(s) on {self.device}, {where} each; {self.decoders} decoder actor(s), 1 CPU each"
+
+
+def _alive_nodes() -> list[dict[str, float]]:
+    return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+
+
+def _cluster_gpus() -> int:
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def wait_for_gpus(timeout_s: float, clock: Callable[[], float] = time.monotonic) -> int:
+    """Ask the autoscaler (if any) for one GPU and wait until the cluster has GPUs.
+
+    Returns the cluster's GPU count. Raises `ResourcesUnavailable` after ``timeout_s`` seconds without one."""
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=[{"GPU": 1}])
+    deadline = clock() + timeout_s
+    while not (gpus := _cluster_gpus()):
+        if clock() >= deadline:
+            raise ResourcesUnavailable(
+                f"--device cuda: the cluster has no GPU after waiting {timeout_s:g} s (--gpu-wait-s); add GPU nodes, "
+                "or pass --device cpu to encode on CPU")
+        time.sleep(min(GPU_POLL_S, max(0.0, deadline - clock())))
+    return gpus
+
+
+def plan_resources(device: str | None, num_encoders: int | None, encoder_threads: int | None,
+                   num_decoders: int | None, gpu_wait_s: float) -> ResourcePlan:
+    """The `ResourcePlan` for the flags of the same names on the running Ray cluster (see the module
+    docstring), after waiting for GPUs when ``device`` is CUDA and the cluster has none.
+
+    Raises:
+        ResourcesUnavailable: no GPU came within ``gpu_wait_s``, or see `size_plan`.
+    """
+    if device not in (None, "cpu") and not _cluster_gpus():
+        wait_for_gpus(gpu_wait_s)
+    return size_plan(_alive_nodes(), device, num_encoders, encoder_threads, num_decoders)
+
+
+def size_plan(nodes: list[dict[str, float]], device: str | None, num_encoders: int | None,
+              encoder_threads: int | None, num_decoders: int | None) -> ResourcePlan:
+    """The `ResourcePlan` for a cluster of ``nodes`` (each node's Ray resources: ``{"CPU": 16, "GPU": 1, ...}``).
+
+    Raises:
+        ResourcesUnavailable: the actors asked for do not fit the cluster's CPUs or GPUs (a fixed-size
+            actor pool that cannot start would wait forever).
+    """
+    cpus = [int(node.get("CPU", 0)) for node in nodes]
+    gpus = sum(int(node.get("GPU", 0)) for node in nodes)
+    if device == "cpu" or (device is None and not gpus):
+        if device is None:
+            logger.warning("the cluster has no GPU: encoding on CPU (--device cuda waits for GPU nodes instead)")
+        threads = encoder_threads or max(1, max(cpus, default=1) - 1)
+        if threads > max(cpus, default=0):
+            raise ResourcesUnavailable(f"--encoder-threads {threads}: no node has that many CPUs ({max(cpus, default=0)} at most)")
+        encoders = num_encoders or max(1, sum(count // (threads + 1) for count in cpus))
+        device, encoder_gpus, encoder_cpus = "cpu", 0.0, threads
+    else:
+        encoders = num_encoders or gpus
+        if encoders > gpus:
+            raise ResourcesUnavailable(f"--num-encoders {encoders} needs as many GPUs; the cluster has {gpus}")
+        device, encoder_gpus, encoder_cpus = device or "cuda", 1.0, 0
+    free = sum(cpus) - encoders * encoder_cpus
+    decoders = num_decoders or max(1, free)
+    if decoders > free:
+        raise ResourcesUnavailable(
+            f"the cluster has {sum(cpus)} CPUs: {encoders} encoder(s) x {encoder_cpus} CPU leave {max(free, 0)} "
+            f"for {decoders} decoder(s); lower --encoder-threads, --num-encoders or --num-decoders")
+    return ResourcePlan(device, encoders, encoder_gpus, encoder_cpus, decoders)
