@@ -6,8 +6,8 @@ presented frame with that index (the reference: PyAV decoding the whole stream i
 applied) and its timestamp is that frame's time on the player's timeline (pts minus the container's
 start time; frame k at k/fps for AVI) within 1 ms. An index past the presented frames is wrong.
 
-Speed: a 60-s 1080p H.264 clip (30 fps, a key frame every 5 s, B-frames), made here with PyAV from a
-real frame panned across the picture; 8 uniform frames and ``--fps 1`` (60 frames), decoded to 336 px
+Speed: a 60-s 1080p H.264 clip (30 fps, a key frame every 5 s, B-frames, moving real pictures, 6 Mbit/s),
+made with PyAV by `hd_clips.make_clip`; 8 uniform frames and ``--fps 1`` (60 frames), decoded to 336 px
 high (the job's crop size). Printed: wall ms per sampled frame (best of ``--repeats``) and the bytes read
 from the file divided by its size (``/proc/self/io`` rchar, so 1.0 = the file read once).
 
@@ -16,12 +16,13 @@ and the job's PyAV reader (`operators.decode.VideoReader`: one demux pass, then 
 before each target and decode forward), with FFmpeg's threads and with one thread.
 
     python benchmarks/bench_decoders.py
-    python benchmarks/bench_decoders.py --workdir /tmp/bench-decoders --repeats 3
+    python benchmarks/bench_decoders.py --workdir /tmp/bench-hd-clips --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 from collections.abc import Callable
@@ -34,12 +35,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from hd_clips import make_clip  # noqa: E402
 from media import frame_number  # noqa: E402
 from operators.decode import DecodedFrame, VideoReader  # noqa: E402
 from operators.sampling import FrameSampling, sample_frame_indices, uniform_indices  # noqa: E402
 
 HOSTILE = ROOT / "tests" / "data" / "hostile-videos"
-CLIP = ROOT / "tests" / "data" / "videos" / "flipping_a_pancake.mkv"
 
 # name -> (frames a decoder reports, frame indices) -> (pictures [n, H, W, 3] uint8, timestamps [n] s)
 Decoder = Callable[[str, Callable[[int], np.ndarray], int | None], tuple[int, np.ndarray, np.ndarray]]
@@ -75,14 +76,11 @@ def pyav_decoder(threads: int):
 
 
 def decoders() -> dict[str, Decoder]:
-    found = {"pyav (threads auto)": pyav_decoder(0), "pyav (1 thread)": pyav_decoder(1)}
-    try:
-        import decord  # noqa: F401
-
-        found = {"decord 0.6": decord_decoder, **found}
-    except ImportError:
+    found = {"pyav (threads auto)": pyav_decoder(0), "pyav (1 thread, the job's)": pyav_decoder(1)}
+    if importlib.util.find_spec("decord") is None:
         print("decord is not installed (pip install -e '.[bench]'): compared without it")
-    return found
+        return found
+    return {"decord 0.6": decord_decoder, **found}
 
 
 def reference(path: Path) -> tuple[list[int], np.ndarray]:
@@ -129,26 +127,6 @@ def correctness(found: dict[str, Decoder]) -> None:
     print(f"{'all':<24}" + "".join(f"{f'{r}/{n}':>22}" for r, n in totals.values()))
 
 
-def make_hd_clip(path: Path, seconds: int = 60, fps: int = 30, gop_s: int = 5) -> Path:
-    """1920x1080 H.264: a real frame, enlarged, panned a little each frame; key frame every ``gop_s`` s."""
-    if path.exists():
-        return path
-    with av.open(str(CLIP)) as source:
-        base = next(source.decode(video=0)).reformat(width=1920, height=1080, format="rgb24").to_ndarray()
-    base = np.concatenate([base, base[:, ::-1]], axis=1)  # 3840 wide, so a pan never wraps visibly
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = 1920, 1080, "yuv420p"
-        stream.options = {"preset": "veryfast", "g": str(gop_s * fps), "keyint_min": str(gop_s * fps),
-                          "sc_threshold": "0", "bf": "2", "crf": "23"}
-        for index in range(seconds * fps):
-            shift = (index * 7) % 1920
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(base[:, shift:shift + 1920]), format="rgb24")
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
-    return path
-
-
 def speed(found: dict[str, Decoder], clip: Path, repeats: int) -> None:
     size = clip.stat().st_size
     print(f"\n== speed: {clip.name} (1080p H.264, 60 s, key frame every 5 s), decoded to 336 px high")
@@ -171,14 +149,14 @@ def speed(found: dict[str, Decoder], clip: Path, repeats: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", default="/tmp/bench-decoders", help="where the 1080p clip is made (kept)")
+    parser.add_argument("--workdir", default="/tmp/bench-hd-clips", help="where the 1080p clip is made (kept)")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     found = decoders()
     correctness(found)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    speed(found, make_hd_clip(workdir / "hd_60s_gop5.mp4"), args.repeats)
+    speed(found, make_clip(workdir, 1920, 1080), args.repeats)
 
 
 if __name__ == "__main__":

@@ -412,7 +412,8 @@ class VideoReader:
         context = self._stream.codec_context
         unsent: dict[int, int] | None = None  # wanted pts -> its packets not sent yet
         if wanted is not None:
-            pts, counts = np.unique(self._pts[np.isin(self._pts, wanted)], return_counts=True)
+            pts = np.unique(wanted)
+            counts = np.searchsorted(self._pts, pts, side="right") - np.searchsorted(self._pts, pts, side="left")
             unsent = dict(zip(pts.tolist(), counts.tolist()))
         try:
             for packet in self._container.demux(self._stream):
