@@ -16,12 +16,17 @@ the model's size, crop) alone on every CPU of this machine (one process per CPU,
 input), over the same inputs.
 
 Inputs: ``--videos`` hard links (each its own input) to the 1080p clips of `hd_clips` (60 s, H.264,
-B-frames, a key frame every 5 s), 8 uniform frames each. Printed: frames/s of both, their ratio, and the
-stand-in encoder's host CPU per frame (its process CPU time outside the sleep). The last line is
-``standin_vs_decode_limit=Z``.
+B-frames, a key frame every 5 s), 8 uniform frames each. Printed: frames/s of both (the job's from the
+stand-in's first batch to its last: the steady state, without Ray's actor start-up, which is printed
+beside it), their ratio, the stand-in's host CPU per frame (its calls' thread CPU time; the sleep costs
+none) and how busy its one "GPU" was. The last line is ``standin_vs_decode_limit=Z``.
+
+With a slow stand-in (``--ms-per-view 250``) the encoder is the bottleneck instead, and "busy" near
+100 % shows the graph has the next batch ready whenever one ends.
 
     python benchmarks/bench_standin.py            # 64 videos (512 frames) per side
     python benchmarks/bench_standin.py --quick    # 32 videos
+    python benchmarks/bench_standin.py --videos 16 --ms-per-view 250
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ from pipeline.stages import EncodeTokens  # noqa: E402
 
 TOKENS_PER_VIEW = 33
 HIDDEN = 1024
-STATS_ENV = "BENCH_STANDIN_STATS"  # the file where each stand-in call appends "host_cpu_s views"
+STATS_ENV = "BENCH_STANDIN_STATS"  # the file where each stand-in call appends "done_at_s host_cpu_s frames"
 
 
 class GpuClassStandIn(EncodeTokens):
@@ -155,7 +160,7 @@ def main() -> None:
         # steady state: frames delivered after the first batch, over the time from the first batch to the last
         rate = batches[1:, 2].sum() / (batches[-1, 0] - batches[0, 0])
         host_ms = 1000 * batches[:, 1].sum() / batches[:, 2].sum()
-        busy = batches[:, 2].sum() * args.ms_per_view / 1000 / (batches[-1, 0] - batches[0, 0])
+        busy = rate * args.ms_per_view / 1000  # share of that time the one "GPU" spent on frames
         print(f"job with the GPU-class stand-in ({args.ms_per_view:g} ms/view): {rate:.2f} frames/s from its first batch "
               f"to its last ({frames} frames; {frames / wall:.2f} frames/s over the whole run, {wall:.1f} s with Ray's "
               f"actor start-up); encoder host work {host_ms:.2f} ms CPU/frame; the 'GPU' busy {100 * busy:.1f} %")
