@@ -63,7 +63,7 @@ class EncodeConfig:
                                      "thread (default: the cluster's CPUs the encoders do not reserve)")
     num_encoders: int | None = _flag("encoder actors (default: one per GPU; on CPU one per node with room for it)")
     encoder_threads: int | None = _flag("CPU encoders: torch threads per actor, and the CPUs it reserves (default: "
-                                        "a node's CPUs minus one)")
+                                        "it reserves a node's CPUs minus the decoder's one and runs a thread per core)")
     device: str | None = _flag("encoder device: cpu or cuda (default: cuda when the cluster has GPUs, else cpu, "
                                "with a warning); cuda waits for GPUs (--gpu-wait-s), never falls back to cpu")
     gpu_wait_s: float = _flag("with --device cuda on a cluster without GPUs: seconds to wait for GPU nodes (an "

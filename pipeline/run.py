@@ -438,7 +438,7 @@ def _encode(config: EncodeConfig, listing: Listing, image_size: int, metadata_: 
         _ensure_ray(config)
         plan = plan_resources(config.device, config.num_encoders, config.encoder_threads, config.num_decoders,
                               config.gpu_wait_s)
-        config = dataclasses.replace(config, device=plan.device, encoder_threads=plan.encoder_cpus or None)
+        config = dataclasses.replace(config, device=plan.device, encoder_threads=plan.encoder_threads)
         logger.info("Ray at %s: %s", ray.get_runtime_context().gcs_address, plan.describe())
         # Writes hold no CPU: the decoder and encoder actors hold theirs for the whole run, and a write
         # that waits for a free CPU would keep every shard in memory until the end (nothing committed).

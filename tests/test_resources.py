@@ -13,19 +13,24 @@ from pipeline.resources import ResourcePlan, ResourcesUnavailable, plan_resource
 
 def test_gpu_nodes_get_one_encoder_per_gpu_and_every_cpu_decodes():
     nodes = [{"CPU": 16, "GPU": 2}, {"CPU": 16, "GPU": 2}]
-    assert size_plan(nodes, None, None, None, None) == ResourcePlan("cuda", 4, 1.0, 0, 32)
-    assert size_plan(nodes, "cuda", 2, None, 8) == ResourcePlan("cuda", 2, 1.0, 0, 8)
+    assert size_plan(nodes, None, None, None, None) == ResourcePlan("cuda", 4, 1.0, 0, None, 32)
+    assert size_plan(nodes, "cuda", 2, None, 8) == ResourcePlan("cuda", 2, 1.0, 0, None, 8)
     with pytest.raises(ResourcesUnavailable, match="--num-encoders 5 needs as many GPUs; the cluster has 4"):
         size_plan(nodes, "cuda", 5, None, None)
 
 
-def test_cpu_encoders_reserve_the_threads_they_run_one_per_node():
+def test_cpu_encoders_one_per_node_sharing_a_core_with_its_decoder():
     nodes = [{"CPU": 16}, {"CPU": 16}, {"CPU": 8}]
-    # 15 threads each: room on the two 16-CPU nodes (an encoder and a decoder), not on the 8-CPU one
-    assert size_plan(nodes, None, None, None, None) == ResourcePlan("cpu", 2, 0.0, 15, 40 - 30)
-    assert size_plan(nodes, "cpu", None, 7, None) == ResourcePlan("cpu", 5, 0.0, 7, 40 - 35)
-    assert size_plan([{"CPU": 2}], None, None, None, None) == ResourcePlan("cpu", 1, 0.0, 1, 1)
-    assert size_plan([{"CPU": 1}, {"CPU": 1}], None, None, None, None) == ResourcePlan("cpu", 1, 0.0, 1, 1)
+    # 15 CPUs reserved, 16 threads: room on the two 16-CPU nodes (an encoder and a decoder), not on the 8-CPU one
+    assert size_plan(nodes, None, None, None, None) == ResourcePlan("cpu", 2, 0.0, 15, 16, 40 - 30)
+    assert size_plan([{"CPU": 2}], None, None, None, None) == ResourcePlan("cpu", 1, 0.0, 1, 2, 1)
+    assert size_plan([{"CPU": 1}, {"CPU": 1}], None, None, None, None) == ResourcePlan("cpu", 1, 0.0, 1, 1, 1)
+
+
+def test_cpu_encoders_given_threads_reserve_exactly_those():
+    nodes = [{"CPU": 16}, {"CPU": 16}, {"CPU": 8}]
+    assert size_plan(nodes, "cpu", None, 7, None) == ResourcePlan("cpu", 5, 0.0, 7, 7, 40 - 35)
+    assert size_plan([{"CPU": 2}], "cpu", None, 1, None) == ResourcePlan("cpu", 1, 0.0, 1, 1, 1)
     # GPUs in the cluster but --device cpu: CPU encoders
     assert size_plan([{"CPU": 8, "GPU": 1}], "cpu", None, None, None).device == "cpu"
 
