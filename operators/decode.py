@@ -41,6 +41,7 @@ before (and after) the damage are kept.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -51,7 +52,10 @@ from av.video.reformatter import VideoReformatter
 
 DEFAULT_MAX_FRAME_PIXELS = 36_000_000  # 8K (8192x4320 is 35.4 Mpx); a larger frame is refused
 FRAME_ORDER_FORMATS = ("avi",)  # containers that store no presentation timestamps
+# containers whose seeks land on pictures stamped with another picture's pts (MPEG-PS): decoded from the start
+NO_SEEK_FORMATS = ("mpeg",)
 SEEK_KEY_FRAMES = 3  # key frames tried (each earlier than the last) before decoding from the stream's start
+INTRA_PICTURES = (av.video.frame.PictureType.I, av.video.frame.PictureType.SI, av.video.frame.PictureType.NONE)
 
 
 class MediaError(Exception):
@@ -177,6 +181,7 @@ class VideoReader:
             self._stream.thread_type = "AUTO"
             self._stream.codec_context.thread_count = threads
             self.info, self._pts, self._keys = self._probe()
+            self._key_flags = bool(len(self._keys))  # whether the stream flags key frames (seeks are to them)
         except BaseException:
             self._container.close()
             raise
@@ -259,6 +264,8 @@ class VideoReader:
             # where to seek for a key frame: demuxers seek by pts (MP4, Matroska) or dts (MPEG-TS); dts <= pts
             keys = np.unique(np.array([(p, d if d is not None else p) for p, d, key, _ in packets
                                        if key and p is not None], dtype=np.int64).reshape(-1, 2), axis=0)
+            if self._container.format.name in NO_SEEK_FORMATS:
+                keys = keys[:0]  # one pass from the start (the stream's start is the one position sought)
         shown_keys = np.searchsorted(timeline, keys[:, 0]) if len(keys) else np.zeros(0, dtype=np.int64)
         shown_keys = shown_keys[(shown_keys < len(timeline)) & (timeline[np.minimum(shown_keys, len(timeline) - 1)]
                                                                   == keys[:, 0])]
@@ -375,13 +382,10 @@ class VideoReader:
         for i, index in enumerate(indices.tolist()):
             target = targets[i]
             rank = index - int(np.searchsorted(self._pts, target, side="left"))  # among frames of equal pts
-            keys = self._keys[self._keys[:, 0] <= target]  # [k, 2] key frames at or before the target
             must_seek = decoder is None or starts[i] or last_pts is None or last_pts >= target
-            run = np.asarray(targets[i:run_ends[i]])  # this target and those decoded on from it
-            attempts = [(position, run) for position in self._seek_positions(keys)]
-            attempts.append((attempts[0][0], None))  # last resort: every packet decoded, no early drain
+            attempts = self._seeks(target, targets[i:run_ends[i]])
             result: DecodedFrame | FrameError | _Missed | None = None
-            for position, wanted in ([] if must_seek else [(None, None)]) + attempts:
+            for position, wanted in attempts if must_seek else itertools.chain([(None, None)], attempts):
                 if position is not None:
                     self._container.seek(position, stream=self._stream, backward=True)  # flushes the decoder
                     decoder = self._decoded_frames(wanted)
@@ -394,6 +398,15 @@ class VideoReader:
                 decoder = None
             yield result
 
+    def _seeks(self, target: int, run: list[int]) -> Iterator[tuple[int, np.ndarray | None]]:
+        """The ways to reach ``target`` from a seek, in the order tried: (position, wanted pts) for each of
+        `_seek_positions` with ``run`` (this target and those decoded on from it) wanted, then the first
+        position again decoding every packet (the last resort). Made when tried: most targets never seek."""
+        positions = self._seek_positions(self._keys[self._keys[:, 0] <= target])
+        wanted = np.asarray(run, dtype=np.int64)
+        yield from ((position, wanted) for position in positions)
+        yield positions[0], None
+
     def _key_after(self, previous: int, target: int) -> bool:
         """Whether a key frame lies after pts ``previous`` and at or before pts ``target``."""
         keys = self._keys[:, 0]
@@ -401,6 +414,10 @@ class VideoReader:
 
     def _decoded_frames(self, wanted: np.ndarray | None) -> Iterator[av.VideoFrame]:
         """The frames decoded from the container's position, packet by packet.
+
+        Decoding starts at the first key frame after the seek (a seek can land on a packet after the key
+        frame it was asked for, whose pictures lack their references), and that key frame must decode to an
+        intra picture (else `_NotIntra`).
 
         ``wanted`` (``[m]`` int pts of the targets to decode from here on): a packet whose pts is not
         wanted is skipped when no other picture refers to it (``skip_frame`` NONREF), and once every wanted
@@ -415,10 +432,16 @@ class VideoReader:
             pts = np.unique(wanted)
             counts = np.searchsorted(self._pts, pts, side="right") - np.searchsorted(self._pts, pts, side="left")
             unsent = dict(zip(pts.tolist(), counts.tolist()))
+        key: int | None = None  # pts of the key frame decoding starts from, until its picture is checked
         try:
             for packet in self._container.demux(self._stream):
                 if packet.size == 0:
                     continue  # the demuxer's end-of-stream packet: drained below
+                if key is None and self._key_flags:
+                    if not packet.is_keyframe:
+                        continue  # a seek may land before or after a key frame: decoding starts at one
+                    # a key frame the edit list hides is never shown: nothing to check (its frames are)
+                    key = packet.pts if not packet.is_discard else -1
                 if unsent is None:
                     context.skip_frame = "DEFAULT"
                 elif packet.pts in unsent:
@@ -428,7 +451,21 @@ class VideoReader:
                         del unsent[packet.pts]
                 else:
                     context.skip_frame = "NONREF"
-                yield from context.decode(packet)
+                try:
+                    frames = context.decode(packet)
+                except av.FFmpegError:
+                    # Pictures decoded before this packet may still be held back for reordering (a target among
+                    # them): they come out first. This packet's own picture, if any comes out, is not trusted.
+                    yield from (frame for frame in _drained(context) if frame.pts != packet.pts)
+                    raise
+                for frame in frames:
+                    if key is not None and key >= 0 and frame.pts is not None and frame.pts >= key:
+                        # the first picture from the key frame on must be the key frame's, and intra: a
+                        # recovery point (intra refresh) is a P picture, or the decoder drops it
+                        if frame.pict_type not in INTRA_PICTURES:
+                            raise _NotIntra(key, av.video.frame.PictureType(frame.pict_type).name)
+                        key = -1
+                    yield frame
                 if unsent is not None and not unsent:
                     break
             context.skip_frame = "DEFAULT"
@@ -466,7 +503,27 @@ class VideoReader:
                 seen += 1
         except av.FFmpegError as error:
             return FrameError(index, f"cannot be decoded: {_reason(error)}"), None, last_pts
+        except _NotIntra as not_intra:
+            self._keys = self._keys[self._keys[:, 0] != not_intra.pts]  # never seek to it again
+            return _Missed(str(not_intra)), None, last_pts
         return _Missed("the stream ends before it (truncated file?)"), None, last_pts
+
+
+def _drained(context: av.codec.context.CodecContext) -> list[av.VideoFrame]:
+    """The frames a decoder still holds after a packet it could not decode (none if draining fails too)."""
+    try:
+        return context.decode(None)
+    except av.FFmpegError:
+        return []
+
+
+class _NotIntra(Exception):
+    """The packet a seek lands on is flagged a key frame, but the first picture decoded from it on is a
+    predicted one (an H.264 recovery point of intra refresh, say): decoding from it gives wrong pictures."""
+
+    def __init__(self, pts: int, picture_type: str) -> None:
+        super().__init__(f"the key frame at pts {pts} does not start with an intra picture ({picture_type})")
+        self.pts = pts
 
 
 @dataclass(frozen=True)
