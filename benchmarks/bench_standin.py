@@ -65,7 +65,7 @@ STATS_ENV = "BENCH_STANDIN_STATS"  # the file where each stand-in call appends "
 class GpuClassStandIn(EncodeTokens):
     """`EncodeTokens` whose device work costs ``--ms-per-view`` of sleep per view (see the module docstring)."""
 
-    def __init__(self, config: EncodeConfig) -> None:  # no tower: only what the host side needs
+    def __init__(self, config: EncodeConfig, threads: int | None = None) -> None:  # no tower: the host side only
         self.config = config
         self.schema = encoded_schema(shard_schema(HIDDEN))
         self.seconds_per_view = float(os.environ.get("BENCH_STANDIN_MS_PER_VIEW", "1.0")) / 1000

@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from operators.encode import ModelUnavailableError  # noqa: E402
 from pipeline.commit import DamagedOutputError  # noqa: E402
 from pipeline.config import EncodeConfig  # noqa: E402
+from pipeline.resources import ResourcesUnavailable  # noqa: E402
 from pipeline.run import OutputBusy, RunFailed, RunSetupError, run  # noqa: E402
 from pipeline.runlog import configure_console  # noqa: E402
 
@@ -70,6 +71,9 @@ def main(media: str, description: str, defaults: dict | None = None) -> int:
         if isinstance(error.__cause__, DamagedOutputError):
             print(f"error: {error.__cause__}\n(run {error.run_id}, log {error.log})", file=sys.stderr)
             return EXIT_DAMAGED
+        if isinstance(error.__cause__, ResourcesUnavailable):  # the cluster, not a fault: no traceback to point at
+            print(f"error: {error.__cause__}\n(run {error.run_id}, log {error.log})", file=sys.stderr)
+            return 1
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # recorded as interrupted

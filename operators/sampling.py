@@ -28,10 +28,10 @@ class Timeline(Protocol):
 class FrameSampling:
     """Which frames to take: ``num_frames`` uniform over the video, or ``fps`` with an optional ``max_frames``.
 
-    ``key_frames``: take, instead of each sampled frame, the key frame nearest to it in time that lies
-    between the frame taken for the sampled frame before it and the next sampled frame (so the frames
-    keep their order and no two sampled frames take one key frame), within ``key_frame_tolerance_s``
-    seconds (default: no limit); the sampled frame itself when there is none. A key frame decodes alone,
+    ``key_frames``: take, instead of each sampled frame, the key frame nearest to it in time that is
+    nearer to it than to the frame taken for the sampled frame before it and than to the next sampled
+    frame (so the frames keep their order and do not bunch up), within ``key_frame_tolerance_s`` seconds
+    (default: no limit); the sampled frame itself when there is none. A key frame decodes alone,
     without decoding forward from the key frame before, which is what a sampled frame costs on H.264 with
     key frames seconds apart; the price is frames up to the tolerance (or nearly a sampling interval) away
     from the sampled times. The rows record the frame actually taken: its own index and timestamp.
@@ -94,9 +94,10 @@ def _sampled(info: Timeline, sampling: FrameSampling) -> np.ndarray:
 
 def nearest_key_frames(info: Timeline, indices: np.ndarray, tolerance_s: float | None = None) -> np.ndarray:
     """``indices [n]`` (increasing sampled frames) with each replaced by the key frame nearest to it in time
-    that lies after the frame taken for the sampled frame before it and before the next sampled frame, and
-    within ``tolerance_s`` seconds of it (None: no limit); the sampled frame itself when there is none (or it
-    is a key frame). Taken left to right; returns ``[n]`` int64, increasing and distinct."""
+    that is nearer to it than to the frame taken for the sampled frame before it and than to the next
+    sampled frame (so frames keep their order and do not bunch up), and within ``tolerance_s`` seconds of
+    it (None: no limit); the sampled frame itself when there is none. Taken left to right; returns
+    ``[n]`` int64, increasing and distinct."""
     keys = np.asarray(info.key_frame_indices, dtype=np.int64)
     if not len(keys):
         return indices
@@ -106,10 +107,11 @@ def nearest_key_frames(info: Timeline, indices: np.ndarray, tolerance_s: float |
     taken: list[int] = []
     for i, index in enumerate(indices.tolist()):
         time = times[index]
-        after = times[taken[-1]] if taken else -np.inf  # strictly after the frame taken before
-        before = times[indices[i + 1]] if i + 1 < len(indices) else np.inf  # strictly before the next sampled frame
+        before = times[taken[-1]] if taken else -np.inf  # the frame taken before
+        after = times[indices[i + 1]] if i + 1 < len(indices) else np.inf  # the next sampled frame
         right = int(np.searchsorted(key_times, time))  # the first key frame at or after the sampled one
-        candidates = [j for j in (right - 1, right) if 0 <= j < len(keys) and after < key_times[j] < before
+        candidates = [j for j in (right - 1, right) if 0 <= j < len(keys)
+                      and abs(key_times[j] - time) < min(key_times[j] - before, after - key_times[j])
                       and abs(key_times[j] - time) <= limit]
         nearest = min(candidates, key=lambda j: (abs(key_times[j] - time), j), default=None)
         taken.append(int(keys[nearest]) if nearest is not None else index)

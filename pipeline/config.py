@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -37,8 +38,8 @@ class EncodeConfig:
     fps: float | None = _flag("videos: sample this many frames per second instead of --num-frames")
     max_frames: int | None = _flag("videos: with --fps, at most this many frames (uniformly among the sampled)")
     key_frames: bool = _flag(
-        "videos: take the key frame nearest to each sampled frame instead of the frame itself, when one lies "
-        "between the neighbouring sampled frames (and within --key-frame-tolerance-s): much cheaper decoding, "
+        "videos: take the key frame nearest to each sampled frame instead of the frame itself, when it is nearer "
+        "to that frame than to its neighbours (and within --key-frame-tolerance-s): much cheaper decoding, "
         "frames up to that far from the sampled times; rows record the frame taken", False)
     key_frame_tolerance_s: float | None = _flag(
         "videos, with --key-frames: the farthest (seconds) a key frame may be from the sampled frame it replaces "
@@ -105,6 +106,8 @@ class EncodeConfig:
             raise ValueError("--decode-timeout-s must be > 0")
         if not self.gpu_wait_s >= 0:
             raise ValueError("--gpu-wait-s must be >= 0")
+        if self.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.encoder_threads is not None and self.encoder_threads < 1:
             raise ValueError("--encoder-threads must be >= 1")
         self.pinpoint_list()  # refuses a malformed --pinpoints now, not in every input's decoder

@@ -69,21 +69,25 @@ def _cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
-def wait_for_gpus(timeout_s: float, clock: Callable[[], float] = time.monotonic) -> int:
-    """Ask the autoscaler (if any) for one GPU and wait until the cluster has GPUs.
+def wait_for_gpus(timeout_s: float, count: int = 1, clock: Callable[[], float] = time.monotonic) -> int:
+    """Ask the autoscaler (if any) for ``count`` GPUs and wait until the cluster has one; the request is
+    withdrawn when the wait ends (the encoder actors then hold what came, and ask for the rest themselves).
 
     Returns the cluster's GPU count. Raises `ResourcesUnavailable` after ``timeout_s`` seconds without one."""
     from ray.autoscaler.sdk import request_resources
 
-    request_resources(bundles=[{"GPU": 1}])
-    deadline = clock() + timeout_s
-    while not (gpus := _cluster_gpus()):
-        if clock() >= deadline:
-            raise ResourcesUnavailable(
-                f"--device cuda: the cluster has no GPU after waiting {timeout_s:g} s (--gpu-wait-s); add GPU nodes, "
-                "or pass --device cpu to encode on CPU")
-        time.sleep(min(GPU_POLL_S, max(0.0, deadline - clock())))
-    return gpus
+    request_resources(bundles=[{"GPU": 1}] * count)
+    try:
+        deadline = clock() + timeout_s
+        while not (gpus := _cluster_gpus()):
+            if clock() >= deadline:
+                raise ResourcesUnavailable(
+                    f"--device cuda: the cluster has no GPU after waiting {timeout_s:g} s (--gpu-wait-s); add GPU "
+                    "nodes, or pass --device cpu to encode on CPU")
+            time.sleep(min(GPU_POLL_S, max(0.0, deadline - clock())))
+        return gpus
+    finally:
+        request_resources(bundles=[])  # a standing request would keep GPU nodes up after the run
 
 
 def plan_resources(device: str | None, num_encoders: int | None, encoder_threads: int | None,
@@ -95,7 +99,7 @@ def plan_resources(device: str | None, num_encoders: int | None, encoder_threads
         ResourcesUnavailable: no GPU came within ``gpu_wait_s``, or see `size_plan`.
     """
     if device not in (None, "cpu") and not _cluster_gpus():
-        wait_for_gpus(gpu_wait_s)
+        wait_for_gpus(gpu_wait_s, num_encoders or 1)
     return size_plan(_alive_nodes(), device, num_encoders, encoder_threads, num_decoders)
 
 
@@ -115,11 +119,18 @@ def size_plan(nodes: list[dict[str, float]], device: str | None, num_encoders: i
         largest = max(cpus, default=1)
         if encoder_threads is not None and encoder_threads > largest:
             raise ResourcesUnavailable(f"--encoder-threads {encoder_threads}: no node has that many CPUs ({largest} at most)")
-        encoder_cpus = encoder_threads or max(1, largest - 1)
+        # a 1-CPU machine: the encoder reserves none, the decoder holds the one CPU and they share it
+        encoder_cpus = encoder_threads or (max(1, largest - 1) if sum(cpus) > 1 else 0)
         threads = encoder_threads or largest
         encoders = num_encoders or max(1, sum(count // (encoder_cpus + 1) for count in cpus))
+        fit = sum(count // encoder_cpus for count in cpus) if encoder_cpus else encoders
+        if encoders > fit:
+            raise ResourcesUnavailable(f"{encoders} encoder(s) of {encoder_cpus} CPUs each: the nodes ({cpus} CPUs) "
+                                       f"hold {fit}; lower --num-encoders or --encoder-threads")
         device, encoder_gpus = "cpu", 0.0
     else:
+        if encoder_threads is not None:
+            logger.warning("--encoder-threads %d is for CPU encoders: ignored on %s", encoder_threads, device or "cuda")
         encoders = num_encoders or gpus
         if encoders > gpus:
             raise ResourcesUnavailable(f"--num-encoders {encoders} needs as many GPUs; the cluster has {gpus}")

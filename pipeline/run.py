@@ -228,7 +228,7 @@ def build_dataset(rows: list[dict], config: EncodeConfig, image_size: int, files
             )
             .map_batches(
                 encoder_stage,
-                fn_constructor_kwargs={"config": config},
+                fn_constructor_kwargs={"config": config, "threads": plan.encoder_threads},
                 batch_size=config.batch_size,
                 compute=ray.data.ActorPoolStrategy(
                     size=plan.encoders, max_concurrent_calls_per_actor=plan.encoder_calls,
@@ -438,7 +438,7 @@ def _encode(config: EncodeConfig, listing: Listing, image_size: int, metadata_: 
         _ensure_ray(config)
         plan = plan_resources(config.device, config.num_encoders, config.encoder_threads, config.num_decoders,
                               config.gpu_wait_s)
-        config = dataclasses.replace(config, device=plan.device, encoder_threads=plan.encoder_threads)
+        config = dataclasses.replace(config, device=plan.device)
         logger.info("Ray at %s: %s", ray.get_runtime_context().gcs_address, plan.describe())
         # Writes hold no CPU: the decoder and encoder actors hold theirs for the whole run, and a write
         # that waits for a free CPU would keep every shard in memory until the end (nothing committed).

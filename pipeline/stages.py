@@ -155,10 +155,10 @@ class EncodeTokens:
     `reduce` is the device work; the rest (splitting a batch, building its Arrow table) is host work that a
     stand-in for another device (``benchmarks/bench_standin.py``) keeps by overriding `reduce` only."""
 
-    def __init__(self, config: EncodeConfig) -> None:
+    def __init__(self, config: EncodeConfig, threads: int | None = None) -> None:
         device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if device == "cpu":  # the threads the run's plan reserved for this actor (`pipeline.resources`)
-            torch.set_num_threads(config.encoder_threads or os.cpu_count() or 1)
+        if device == "cpu":  # ``threads``: what the run's plan gives a CPU encoder (`pipeline.resources`)
+            torch.set_num_threads(threads or config.encoder_threads or os.cpu_count() or 1)
         self.config = config
         self.encoder = ClipEncoder(
             config.model,

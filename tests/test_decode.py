@@ -219,10 +219,15 @@ def test_key_frame_sampling_takes_the_nearest_key_frame_between_the_neighbours()
     assert sample_frame_indices(timeline, FrameSampling(num_frames=5, key_frames=True)).tolist() == [0, 20, 50, 70, 90]
     within_3s = FrameSampling(num_frames=5, key_frames=True, key_frame_tolerance_s=3.0)
     assert sample_frame_indices(timeline, within_3s).tolist() == [0, 24, 50, 74, 99]
-    # two sampled frames near one key frame: the first takes it, the second keeps its own frame; order kept
-    assert nearest_key_frames(_Timeline([12]), np.array([10, 14])).tolist() == [12, 14]
-    # a key frame beyond the next sampled frame is never taken (it would reorder the frames)
+    # a key frame halfway between two sampled frames is neither's: taken, it would sit next to the other
+    assert nearest_key_frames(_Timeline([12]), np.array([10, 14])).tolist() == [10, 14]
+    assert nearest_key_frames(_Timeline([11]), np.array([10, 14])).tolist() == [11, 14]
+    assert nearest_key_frames(_Timeline([13]), np.array([10, 14])).tolist() == [10, 13]
+    # nearer to the next sampled frame than to its own: left to that one (no bunching, order kept)
     assert nearest_key_frames(_Timeline([30]), np.array([10, 20, 25])).tolist() == [10, 20, 30]
+    # the last sampled frame may take a key frame far before it, if nearer to it than to the frame taken before
+    assert nearest_key_frames(_Timeline([0, 40, 55]), np.array([0, 41, 60])).tolist() == [0, 40, 55]
+    assert nearest_key_frames(_Timeline([0, 50, 55]), np.array([0, 51, 60])).tolist() == [0, 50, 60]
     every_second = sample_frame_indices(timeline, FrameSampling(num_frames=None, fps=1.0, key_frames=True))
     assert every_second.tolist() == list(range(100)), "every frame sampled: nothing to swap"
     assert nearest_key_frames(_Timeline([]), uniform).tolist() == uniform.tolist(), "frame-order streams: unchanged"

@@ -25,6 +25,8 @@ def test_cpu_encoders_one_per_node_sharing_a_core_with_its_decoder():
     assert size_plan(nodes, None, None, None, None) == ResourcePlan("cpu", 2, 0.0, 15, 16, 40 - 30)
     assert size_plan([{"CPU": 2}], None, None, None, None) == ResourcePlan("cpu", 1, 0.0, 1, 2, 1)
     assert size_plan([{"CPU": 1}, {"CPU": 1}], None, None, None, None) == ResourcePlan("cpu", 1, 0.0, 1, 1, 1)
+    # a 1-CPU machine: the encoder reserves nothing and shares the decoder's CPU
+    assert size_plan([{"CPU": 1}], None, None, None, None) == ResourcePlan("cpu", 1, 0.0, 0, 1, 1)
 
 
 def test_cpu_encoders_given_threads_reserve_exactly_those():
@@ -54,6 +56,17 @@ def test_sizes_that_cannot_fit_are_refused_rather_than_left_waiting(device, enco
     nodes = [{"CPU": 2}, {"CPU": 2}]
     with pytest.raises(ResourcesUnavailable, match=message):
         size_plan(nodes, device, encoders, threads, decoders)
+
+
+def test_encoders_must_fit_on_nodes_not_only_in_the_cpu_total():
+    with pytest.raises(ResourcesUnavailable, match=r"2 encoder\(s\) of 3 CPUs each: the nodes \(\[4, 2, 2\] CPUs\) hold 1"):
+        size_plan([{"CPU": 4}, {"CPU": 2}, {"CPU": 2}], "cpu", 2, 3, None)
+
+
+def test_gpu_flags_for_cpu_encoders_are_said_to_be_ignored(caplog):
+    with caplog.at_level(logging.WARNING, logger="pipeline.resources"):
+        size_plan([{"CPU": 4, "GPU": 1}], None, None, 2, None)
+    assert "--encoder-threads 2 is for CPU encoders: ignored on cuda" in caplog.text
 
 
 def test_cuda_on_a_cluster_without_gpus_waits_then_fails(ray_local):
