@@ -432,16 +432,18 @@ class VideoReader:
             pts = np.unique(wanted)
             counts = np.searchsorted(self._pts, pts, side="right") - np.searchsorted(self._pts, pts, side="left")
             unsent = dict(zip(pts.tolist(), counts.tolist()))
-        key: int | None = None  # pts of the key frame decoding starts from, until its picture is checked
+        started = not self._key_flags  # decoding starts at the first key frame after the seek
+        check: int | None = None  # that key frame's pts, until the first picture from it on is checked
         try:
             for packet in self._container.demux(self._stream):
                 if packet.size == 0:
                     continue  # the demuxer's end-of-stream packet: drained below
-                if key is None and self._key_flags:
+                if not started:
                     if not packet.is_keyframe:
                         continue  # a seek may land before or after a key frame: decoding starts at one
-                    # a key frame the edit list hides is never shown: nothing to check (its frames are)
-                    key = packet.pts if not packet.is_discard else -1
+                    started = True
+                    # a key frame the edit list hides is never shown: nothing to check (later frames are)
+                    check = None if packet.is_discard else packet.pts
                 if unsent is None:
                     context.skip_frame = "DEFAULT"
                 elif packet.pts in unsent:
@@ -459,12 +461,12 @@ class VideoReader:
                     yield from (frame for frame in _drained(context) if frame.pts != packet.pts)
                     raise
                 for frame in frames:
-                    if key is not None and key >= 0 and frame.pts is not None and frame.pts >= key:
+                    if check is not None and frame.pts is not None and frame.pts >= check:
                         # the first picture from the key frame on must be the key frame's, and intra: a
                         # recovery point (intra refresh) is a P picture, or the decoder drops it
                         if frame.pict_type not in INTRA_PICTURES:
-                            raise _NotIntra(key, av.video.frame.PictureType(frame.pict_type).name)
-                        key = -1
+                            raise _NotIntra(check, av.video.frame.PictureType(frame.pict_type).name)
+                        check = None
                     yield frame
                 if unsent is not None and not unsent:
                     break
