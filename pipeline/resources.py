@@ -1,6 +1,7 @@
 """How one run uses the Ray cluster: encoder actors, their device, threads and reservations, and decoders.
 
-Every actor reserves in Ray what it uses, so Ray never places work on cores that are already busy:
+Every actor reserves in Ray what it uses, so Ray never places more actors on a node than it has cores
+(the one deliberate exception: a default CPU encoder also runs a thread on its node's decoder core):
 
 * **GPU encoders** (``--device cuda``, or by default when the cluster has GPUs): one actor per GPU, each
   reserving that GPU and no CPU: its host work (a batch's copy to pinned memory, its Arrow table) is a
