@@ -33,8 +33,8 @@ class FrameSampling:
     frame (so the frames keep their order and do not bunch up), within ``key_frame_tolerance_s`` seconds
     (default: no limit); the sampled frame itself when there is none. A key frame decodes alone,
     without decoding forward from the key frame before, which is what a sampled frame costs on H.264 with
-    key frames seconds apart; the price is frames up to the tolerance (or nearly a sampling interval) away
-    from the sampled times. The rows record the frame actually taken: its own index and timestamp.
+    key frames seconds apart; the price is frames up to the tolerance (without one, up to halfway to the
+    neighbouring frames) away from the sampled times. The rows record the frame actually taken: its own index and timestamp.
     """
 
     num_frames: int | None = 8

@@ -68,7 +68,7 @@ class EncodeConfig:
     device: str | None = _flag("encoder device: cpu or cuda (default: cuda when the cluster has GPUs, else cpu, "
                                "with a warning); cuda waits for GPUs (--gpu-wait-s), never falls back to cpu")
     gpu_wait_s: float = _flag("with --device cuda on a cluster without GPUs: seconds to wait for GPU nodes (an "
-                              "autoscaler is asked for one) before failing", 600.0)
+                              "autoscaler is asked for them) before failing", 600.0)
     dtype: Literal["float32", "float16", "bfloat16"] | None = _flag(
         "encoder dtype (default: float16 on cuda, float32 on cpu)", None, choices=("float32", "float16", "bfloat16"))
     frames_per_shard: int = _flag("frames gathered into one shard file, each with all its views (larger: fewer, "
