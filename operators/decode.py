@@ -453,14 +453,9 @@ class VideoReader:
                         del unsent[packet.pts]
                 else:
                     context.skip_frame = "NONREF"
-                try:
-                    frames = context.decode(packet)
-                except av.FFmpegError:
-                    # Pictures decoded before this packet may still be held back for reordering (a target among
-                    # them): they come out first. This packet's own picture, if any comes out, is not trusted.
-                    yield from (frame for frame in _drained(context) if frame.pts != packet.pts)
-                    raise
-                for frame in frames:
+                # A packet the decoder rejects ends the run (FrameError): the pictures it still holds back are
+                # not drained, as damage is often reported a packet or two after it begins.
+                for frame in context.decode(packet):
                     if check is not None and frame.pts is not None and frame.pts >= check:
                         # the first picture from the key frame on must be the key frame's, and intra: a
                         # recovery point (intra refresh) is a P picture, or the decoder drops it
@@ -501,6 +496,8 @@ class VideoReader:
                 if frame.pts > target:
                     return _Missed(f"the decoder went from before it to pts {frame.pts}"), decoder, last_pts
                 if seen == rank:
+                    if frame.is_corrupt:  # concealed damage, in its own data or in a picture it refers to
+                        return FrameError(index, "the decoder marks it damaged"), None, last_pts
                     return DecodedFrame(index, float(self.info.timestamps_s[index]), convert(frame)), decoder, last_pts
                 seen += 1
         except av.FFmpegError as error:
@@ -509,14 +506,6 @@ class VideoReader:
             self._keys = self._keys[self._keys[:, 0] != not_intra.pts]  # never seek to it again
             return _Missed(str(not_intra)), None, last_pts
         return _Missed("the stream ends before it (truncated file?)"), None, last_pts
-
-
-def _drained(context: av.codec.context.CodecContext) -> list[av.VideoFrame]:
-    """The frames a decoder still holds after a packet it could not decode (none if draining fails too)."""
-    try:
-        return context.decode(None)
-    except av.FFmpegError:
-        return []
 
 
 class _NotIntra(Exception):

@@ -27,7 +27,7 @@ from media import DECODABLE, VIDEOS, decode_frame, video, video_info
 
 ROOT = Path(__file__).resolve().parents[1]
 UNDECODABLE = ["empty.mp4", "notes.mp4", "truncated.mp4"]
-DAMAGED = ["corrupted.mp4"]  # frames 0-28 decode, the rest do not: kept and failed frames
+DAMAGED = ["corrupted.mp4"]  # frames 0-27 decode, the rest do not: kept and failed frames
 KEY = ["video_id", "frame_index", "tile_index"]
 
 
@@ -262,15 +262,15 @@ def test_an_output_of_an_older_version_with_only_errors_is_refused(tmp_path, tin
 
 
 def test_damaged_video_keeps_the_frames_that_decode(tmp_path, tiny_clip_dir, ray_local):
-    """corrupted.mp4 decodes frames 0-28 of 50: of 8 samples 5 are kept and 3 are one error row naming them."""
+    """corrupted.mp4 decodes frames 0-27 of 50: of 8 samples 4 are kept and 4 are one error row naming them."""
     inputs = make_video_inputs(tmp_path / "in", ["corrupted.mp4"])
     output = tmp_path / "out"
     config = EncodeConfig(input=str(inputs), output=str(output), model=str(tiny_clip_dir), num_frames=8)
     summary = run(config)
-    assert sorted(read(output)["frame_index"].to_pylist()) == [0, 7, 14, 21, 28]
+    assert sorted(read(output)["frame_index"].to_pylist()) == [0, 7, 14, 21]
     (error,) = read(output, "errors").to_pylist()
-    assert error["frame_indices"] == [35, 42, 49] and error["error_type"] == "FrameDecodeError"
-    assert error["error_message"].startswith("frames 35-49 (3 sampled): cannot be decoded: ")
+    assert error["frame_indices"] == [28, 35, 42, 49] and error["error_type"] == "FrameDecodeError"
+    assert error["error_message"].startswith("frames 28-49 (4 sampled): cannot be decoded: ")
     assert (summary.encoded, summary.partly_failed, summary.failed) == (0, 1, 0), "one input, counted once"
     again = run(config)  # recorded failures are not retried; nothing is left to do
     assert (again.rows, again.error_rows, again.skipped) == (0, 0, 1)
