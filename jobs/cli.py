@@ -68,12 +68,9 @@ def main(media: str, description: str, defaults: dict | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except RunFailed as error:  # its traceback (if it is a fault) is already on the console and in the run's log
-        if isinstance(error.__cause__, DamagedOutputError):
+        if isinstance(error.__cause__, (DamagedOutputError, ResourcesUnavailable)):  # not a fault: no traceback
             print(f"error: {error.__cause__}\n(run {error.run_id}, log {error.log})", file=sys.stderr)
-            return EXIT_DAMAGED
-        if isinstance(error.__cause__, ResourcesUnavailable):  # the cluster, not a fault: no traceback to point at
-            print(f"error: {error.__cause__}\n(run {error.run_id}, log {error.log})", file=sys.stderr)
-            return 1
+            return EXIT_DAMAGED if isinstance(error.__cause__, DamagedOutputError) else 1
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # recorded as interrupted

@@ -266,9 +266,7 @@ class VideoReader:
                                        if key and p is not None], dtype=np.int64).reshape(-1, 2), axis=0)
             if self._container.format.name in NO_SEEK_FORMATS:
                 keys = keys[:0]  # one pass from the start (the stream's start is the one position sought)
-        shown_keys = np.searchsorted(timeline, keys[:, 0]) if len(keys) else np.zeros(0, dtype=np.int64)
-        shown_keys = shown_keys[(shown_keys < len(timeline)) & (timeline[np.minimum(shown_keys, len(timeline) - 1)]
-                                                                  == keys[:, 0])]
+        shown_keys = np.unique(np.searchsorted(timeline, keys[np.isin(keys[:, 0], timeline), 0]))  # the shown key frames
         step = 1.0 / fps if fps else (float(np.median(np.diff(times))) if len(times) > 1 else 0.0)
         info = VideoInfo(
             path=self.path,

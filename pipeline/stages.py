@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -157,8 +156,8 @@ class EncodeTokens:
 
     def __init__(self, config: EncodeConfig, threads: int | None = None) -> None:
         device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if device == "cpu":  # ``threads``: what the run's plan gives a CPU encoder (`pipeline.resources`)
-            torch.set_num_threads(threads or config.encoder_threads or os.cpu_count() or 1)
+        if threads:  # what the run's plan gives a CPU encoder (`pipeline.resources`); None on a GPU
+            torch.set_num_threads(threads)
         self.config = config
         self.encoder = ClipEncoder(
             config.model,
