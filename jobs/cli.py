@@ -12,7 +12,7 @@ import typing
 # `ray job submit --working-dir .` and `python jobs/x.py` both run from the project root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from operators.encode import ModelUnavailableError  # noqa: E402
+from operators.checkpoint import ModelUnavailableError  # noqa: E402
 from pipeline.commit import DamagedOutputError  # noqa: E402
 from pipeline.config import EncodeConfig  # noqa: E402
 from pipeline.resources import ResourcesUnavailable  # noqa: E402

@@ -1,45 +1,44 @@
-"""Run a CLIP vision tower once per batch and return everything PruMerge needs.
+"""Run a vision tower once per batch and return everything token reduction needs.
 
-LLaVA feeds its projector the hidden states of the penultimate layer (``layer=-2``). PruMerge scores
-those tokens with the CLS query of the *next* block's self-attention and merges them by that block's
-keys. Both come from the block's ``layer_norm1`` → ``q_proj`` / ``k_proj``, so one pass through the
-embeddings and the first ``L`` blocks, plus two projections of the block that follows, yields all of
-it. Layers after that are never run (LLaVA discards their output) and are dropped at load time.
+LLaVA feeds its projector the hidden states of the penultimate layer (``layer=-2``; LLaVA-OneVision and
+LLaVA-Video drop SigLIP's last block and its head and take the output of the block before: the same states).
+PruMerge scores those tokens by the attention of the *next* block and merges them by that block's keys, which
+come from the block's pre-attention norm → ``k_proj``. So one pass through the embeddings and the first ``L``
+blocks, plus projections of the block that follows, yields all of it; later blocks are never run (LLaVA
+discards their output) and are dropped at load time (`operators.towers.load_tower`).
+
+Importance rules (``importance``), each ``[B, N]`` float32, a distribution over the patches (or, with a CLS
+token, the patches' share of one):
+
+* ``cls``: PruMerge's published score, ``softmax(q_cls·kᵀ/√C)`` with the full-width projections of the
+  scoring block, over the CLS token and the patches; the CLS column dropped. CLS towers only.
+* ``cls_head_mean``: the scoring block's true attention probabilities of the CLS query, averaged over heads.
+* ``probe``: SigLIP's attention-pooling head: its learnt probe query's attention over the selected layer's
+  output after the tower's final norm (``post_layernorm``), averaged over heads: the rule FastVID
+  (arXiv 2503.11187) uses on LLaVA-OneVision. Towers with that head only.
+* ``mean_received``: the attention each patch receives in the scoring block, averaged over heads and over all
+  queries (CLS included): the rule HoliTom (arXiv 2505.21334) and FlashVID use on SigLIP.
+
+Cost beyond the ``L`` blocks, per frame of T tokens of width C (FLOPs counted; one block is about
+``2T(4C² + 2C·I) + 4T²C`` with MLP width I): every rule projects the keys (``2TC²``); ``cls`` and
+``cls_head_mean`` add one query; ``mean_received`` adds all queries and their scores (``2TC² + 2T²C``);
+``probe`` adds the final norm and the head's key projection (``2TC²``). For SigLIP so400m/14-384 (T = 729,
+C = 1152, I = 4304) a block is 24.6 GFLOP: keys 1.9 (8 % of a block), ``mean_received`` 5.1 (21 %),
+``probe`` 3.9 (16 %), against 26 blocks run.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
-import os
-import re
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal, TypeVar
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
-from huggingface_hub.errors import HFValidationError
-from transformers import CLIPVisionConfig, CLIPVisionModel
-from transformers.utils import CONFIG_NAME, cached_file
-from transformers.utils import logging as hf_logging
+from operators.checkpoint import load_local_first
+from operators.towers import Importance, check_importance, default_importance, load_tower, tower_family
 
 DEFAULT_MODEL = "openai/clip-vit-large-patch14-336"
-
-ClsAttention = Literal["full_width", "head_mean"]
-
-FINGERPRINT_PREFIX = "sha256:"  # a local checkpoint folder's revision: "sha256:" + 64 hex digits
-# What transformers loads a tower from: its config and weights (single or sharded, with their index);
-# not other files a checkpoint folder may hold (training_args.bin, optimizer states, READMEs).
-FINGERPRINTED = re.compile(r"config\.json|model(-\d+-of-\d+)?\.safetensors(\.index\.json)?|"
-                           r"pytorch_model(-\d+-of-\d+)?\.bin(\.index\.json)?")
-
-T = TypeVar("T")
-
-
-class ModelUnavailableError(RuntimeError):
-    """The vision tower's weights could not be found locally or fetched from the hub."""
 
 
 @dataclass(frozen=True)
@@ -48,165 +47,7 @@ class EncoderOutput:
 
     features: torch.Tensor  # [B, N, C] hidden states of the selected layer, patch tokens only
     keys: torch.Tensor  # [B, N, C] k_proj of the block consuming those states, patch tokens only
-    cls_attn: torch.Tensor  # [B, N] float32, CLS query's attention over the patches (CLS column dropped)
-
-
-def resolve_revision(model_name_or_path: str, revision: str | None = None) -> str:
-    """The exact revision of ``model_name_or_path`` that a run loads, records, and pins every encoder to.
-
-    - A hub id: the commit hash (40 hex digits) of the snapshot ``from_pretrained`` loads for ``revision``
-      (default: the default branch; else a branch, tag or commit), found in the local hub cache first,
-      then on the hub, as `_from_pretrained` does.
-    - A local directory: ``"sha256:<64 hex>"``, a fingerprint of the files that define the tower: each
-      ``config.json`` and weight file (``model*.safetensors``, ``pytorch_model*.bin`` and their shard
-      indexes; not ``training_args.bin`` or other files) in it, by name and full content. It reads all
-      of them, SHA-256 on one core: measured 0.65 s per GB from the page cache and 0.9-1.7 s per GB read
-      from disk (a 2-core VM with SHA extensions; a disk slower than ~1 GB/s sets the pace instead), so
-      about 1-3 s for a 1.7 GB CLIP ViT-L/14 checkpoint.
-
-    Raises:
-        ModelUnavailableError: the revision can be neither found locally nor downloaded (the message names
-            ``--model PATH`` and ``--model-revision``), or ``revision`` is a local folder's fingerprint
-            and ``model_name_or_path`` is not a directory here.
-        ValueError: ``model_name_or_path`` is a local directory whose fingerprint is not ``revision``.
-    """
-    if _is_local_directory(model_name_or_path, revision):
-        return _check_fingerprint(model_name_or_path, revision)
-    config_file = _from_pretrained(cached_file, model_name_or_path, revision, filename=CONFIG_NAME)
-    if config_file is None:  # the hub cache records that the repository has no config.json at that revision
-        raise ModelUnavailableError(_unavailable_message(
-            model_name_or_path, revision, OSError(f"no {CONFIG_NAME} at that revision.")))
-    return Path(config_file).parent.name  # the hub cache's snapshots/<commit hash>/config.json
-
-
-def _is_local_directory(model_name_or_path: str, revision: str | None) -> bool:
-    """Whether ``model_name_or_path`` is a local directory (else it is a hub id).
-
-    Raises:
-        ModelUnavailableError: it is not a directory here, but ``revision`` is a local folder's fingerprint
-            (the run was started with a folder that this node lacks).
-    """
-    if os.path.isdir(model_name_or_path):
-        return True
-    if revision is not None and revision.startswith(FINGERPRINT_PREFIX):
-        raise ModelUnavailableError(
-            f"The CLIP vision tower {model_name_or_path!r} is not a directory on this node, but this run recorded "
-            f"the fingerprint of a local checkpoint folder ({revision}): give every node the same folder at that "
-            "path (e.g. on a shared filesystem).")
-    return False
-
-
-def _check_fingerprint(directory: str, revision: str | None) -> str:
-    """The fingerprint of the checkpoint in ``directory`` (see `resolve_revision`), checked against ``revision``.
-
-    Raises:
-        ValueError: ``revision`` is given and differs from the fingerprint.
-    """
-    digest = hashlib.sha256()
-    for path in sorted(Path(directory).iterdir()):
-        if path.is_file() and FINGERPRINTED.fullmatch(path.name):
-            with path.open("rb") as handle:
-                content = hashlib.file_digest(handle, "sha256").hexdigest()
-            digest.update(f"{path.name}\0{content}\n".encode())
-    fingerprint = FINGERPRINT_PREFIX + digest.hexdigest()
-    if revision is not None and revision != fingerprint:
-        raise ValueError(
-            f"the checkpoint at {directory!r} on this node differs from the one this run recorded ({revision}, "
-            f"--model-revision): its {CONFIG_NAME} and weight files have the fingerprint {fingerprint}. Give every "
-            "node the same files, or pass --model-revision with this fingerprint to record these files instead.")
-    return fingerprint
-
-
-def _from_pretrained(load: Callable[..., T], model_name_or_path: str, revision: str | None = None, **kwargs) -> T:
-    """``load`` (a ``from_pretrained``, or `cached_file`) from a local copy (a directory, or the hub cache)
-    first, then the hub; ``revision`` goes to ``load`` as is.
-
-    Local first means an offline machine with the weights never waits on the network. Raises
-    `ModelUnavailableError` naming ``--model PATH`` when the files are neither local nor downloadable.
-    """
-    try:
-        return load(model_name_or_path, local_files_only=True, revision=revision, **kwargs)
-    except (OSError, HFValidationError) as local_error:
-        if os.path.isdir(model_name_or_path):
-            message = _unavailable_message(model_name_or_path, revision, local_error)
-            raise ModelUnavailableError(message) from local_error
-    try:
-        return load(model_name_or_path, revision=revision, **kwargs)
-    except (OSError, HFValidationError) as hub_error:
-        raise ModelUnavailableError(_unavailable_message(model_name_or_path, revision, hub_error)) from hub_error
-
-
-def _load_pinned(load: Callable[..., T], model_name_or_path: str, revision: str | None, **kwargs) -> T:
-    """``load`` exactly ``revision`` (see `resolve_revision`; None: what `_from_pretrained` finds) of the checkpoint.
-
-    A hub id's revision goes to ``load``; a local directory is loaded, then its fingerprint is checked.
-
-    Raises:
-        ModelUnavailableError: see `_from_pretrained` and `_is_local_directory`.
-        ValueError: a local directory whose fingerprint is not ``revision``.
-    """
-    if not _is_local_directory(model_name_or_path, revision):
-        return _from_pretrained(load, model_name_or_path, revision, **kwargs)
-    loaded = _from_pretrained(load, model_name_or_path, **kwargs)
-    if revision is not None:
-        _check_fingerprint(model_name_or_path, revision)
-    return loaded
-
-
-def load_vision_config(model_name_or_path: str, revision: str | None = None) -> CLIPVisionConfig:
-    """The tower's config only (no weights): a cheap, early check that the model can be loaded.
-
-    ``revision`` pins it as in `_load_pinned` (a local directory's fingerprint check reads all its weights).
-
-    Raises:
-        ModelUnavailableError, ValueError: see `_load_pinned`.
-    """
-    return _load_pinned(CLIPVisionConfig.from_pretrained, model_name_or_path, revision)
-
-
-def load_vision_tower(model_name_or_path: str, dtype: torch.dtype, revision: str | None = None) -> CLIPVisionModel:
-    """Load a Hugging Face CLIP vision tower (a `CLIPVisionModel` or full `CLIPModel` checkpoint), exactly
-    ``revision`` of it when given (see `resolve_revision`), else whatever `_from_pretrained` finds.
-
-    A full CLIP checkpoint's text tower and projections are left out on purpose, so transformers' load
-    report, which lists each of those weights (hundreds of lines per encoder actor), is not shown. What
-    that report exists to warn about is checked here instead.
-
-    Raises:
-        ModelUnavailableError: the checkpoint (at ``revision``) cannot be found (see `_load_pinned`).
-        ValueError: the checkpoint lacks weights of the vision tower, or holds them with other shapes
-            (the tower would run with random values for them); or it is a local directory whose
-            fingerprint is not ``revision``.
-    """
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        model, info = _load_pinned(CLIPVisionModel.from_pretrained, model_name_or_path, revision, dtype=dtype,
-                                   output_loading_info=True)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    absent = sorted(info["missing_keys"]) + sorted(str(key) for key in info["mismatched_keys"])
-    if absent:
-        listed = ", ".join(absent[:4]) + (f" and {len(absent) - 4} more" if len(absent) > 4 else "")
-        raise ValueError(f"{model_name_or_path!r} is not a complete CLIP vision checkpoint: vision weights "
-                         f"missing or of other shapes: {listed}")
-    return model
-
-
-def _unavailable_message(model_name_or_path: str, revision: str | None, error: Exception) -> str:
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    if revision is None:
-        return (
-            f"Cannot load the CLIP vision tower {model_name_or_path!r}: {first_line} "
-            "If this machine is offline, download the checkpoint elsewhere (e.g. `hf download "
-            f"{model_name_or_path} --local-dir DIR`) and pass --model PATH with that local directory."
-        )
-    return (
-        f"Cannot load revision {revision} (--model-revision) of the CLIP vision tower {model_name_or_path!r}: "
-        f"{first_line} This machine's Hugging Face cache lacks it and it cannot be downloaded. Download it elsewhere "
-        f"(e.g. `hf download {model_name_or_path} --revision {revision} --local-dir DIR`) and pass --model PATH "
-        "with that local directory (the same on every node), or pass a --model-revision that this machine holds."
-    )
+    importance: torch.Tensor  # [B, N] float32, the importance rule's score of each patch
 
 
 def default_device() -> torch.device:
@@ -218,25 +59,25 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
-class ClipEncoder:
-    """Callable that maps preprocessed pixels ``[B, 3, H, W]`` to an `EncoderOutput` in one pass.
+class VisionEncoder:
+    """Callable that maps preprocessed pixels ``[B, 3, S, S]`` to an `EncoderOutput` in one pass.
 
     Args:
-        model_name_or_path: hub id or local directory of any Hugging Face CLIP vision checkpoint.
+        model_name_or_path: hub id or local directory of a checkpoint of any `operators.towers.FAMILIES` tower.
         layer: index into the tower's hidden states (0 = embeddings, -1 = last block's output), as in
             ``output_hidden_states``. Default -2, the layer LLaVA uses. The block after it must exist,
-            since it supplies the keys and the CLS attention, so -1 is rejected.
+            since it supplies the keys (and the attention of the CLS rules), so -1 is rejected.
         device: where the tower runs; default CUDA when available, else CPU.
         dtype: tower weights' dtype; default fp16 on CUDA, fp32 on CPU.
-        cls_attention: ``"full_width"`` (the published PruMerge score, ``softmax(q_cls·kᵀ/√C)`` with
-            the full-width projections) or ``"head_mean"`` (the block's true attention probabilities of
-            the CLS query, averaged over heads).
-        revision: load exactly this revision of it (see `resolve_revision`: a hub commit hash, branch or tag,
-            or a local directory's fingerprint, checked after loading); None: whatever `_from_pretrained` finds.
+        importance: one of `operators.towers.IMPORTANCE_RULES` (see the module docstring); default ``cls`` for
+            towers with a CLS token, else ``probe`` when the checkpoint has SigLIP's head, else ``mean_received``.
+        revision: load exactly this revision of it (see `operators.checkpoint.resolve_revision`: a hub commit
+            hash, branch or tag, or a local directory's fingerprint, checked after loading); None: whatever
+            `operators.checkpoint.load_local_first` finds.
 
     Raises:
-        ModelUnavailableError, ValueError: see `load_vision_tower`; ValueError also for ``layer`` or
-            ``cls_attention`` out of range.
+        ModelUnavailableError, ValueError: see `operators.towers.load_tower`; ValueError also for ``layer`` out of
+            range, an unsupported tower, or an ``importance`` rule this tower cannot compute.
     """
 
     def __init__(
@@ -245,69 +86,78 @@ class ClipEncoder:
         layer: int = -2,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
-        cls_attention: ClsAttention = "full_width",
+        importance: Importance | None = None,
         revision: str | None = None,
     ) -> None:
-        if cls_attention not in ("full_width", "head_mean"):
-            raise ValueError(f"cls_attention must be 'full_width' or 'head_mean', got {cls_attention!r}")
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype if dtype is not None else default_dtype(self.device)
         self.model_name_or_path = model_name_or_path
         self.revision = revision
-        self.cls_attention = cls_attention
+        self.family = tower_family(model_name_or_path, revision)
+        config = load_local_first(self.family.config_class.from_pretrained, model_name_or_path, revision)
+        has_probe = self.family.has_probe(config)
+        self.importance = importance or default_importance(self.family.cls_token, has_probe)
+        check_importance(self.importance, self.family.name, self.family.cls_token, has_probe)
 
-        model = load_vision_tower(model_name_or_path, self.dtype, revision)
-        num_layers = model.config.num_hidden_layers
+        num_layers = config.num_hidden_layers
         # hidden_states has num_layers + 1 entries; entry L is the output of blocks[:L].
         resolved = layer + num_layers + 1 if layer < 0 else layer
         if not 0 <= resolved < num_layers:
             raise ValueError(
                 f"layer={layer} must select hidden states 0..{num_layers - 1} (or -{num_layers + 1}..-2) of "
-                f"this {num_layers}-block tower: the block after it provides the keys and CLS attention"
+                f"this {num_layers}-block tower: the block after it provides the keys and the attention"
             )
         self.layer = resolved
-        # Keep blocks[:L] to run plus block L for its layer_norm1/q_proj/k_proj; later blocks are never used.
-        model.encoder.layers = model.encoder.layers[: resolved + 1]
+        # blocks[:L] to run plus block L for its norm and projections; later blocks are never used.
+        model = load_tower(model_name_or_path, self.family, self.dtype, revision, keep_blocks=resolved + 1,
+                           probe=self.importance == "probe")
         self.model = model.to(self.device).eval()
-
-        config = model.config
-        self.image_size: int = config.image_size
-        self.patch_size: int = config.patch_size
-        self.grid_size: int = config.image_size // config.patch_size
-        self.num_patches: int = self.grid_size**2
+        self.prefix = 1 if self.family.cls_token else 0  # tokens before the patches
         self.hidden_size: int = config.hidden_size
         self.num_heads: int = config.num_attention_heads
 
     @torch.inference_mode()
     def __call__(self, pixel_values: torch.Tensor) -> EncoderOutput:
-        """Encode ``pixel_values [B, 3, H, W]`` (already resized and normalised for the model)."""
+        """Encode ``pixel_values [B, 3, S, S]`` (already resized and normalised for the model)."""
         pixels = pixel_values.to(self.device, self.dtype, non_blocking=True)
-        hidden = self.model.embeddings(pixels)  # [B, 1+N, C]
-        hidden = self.model.pre_layrnorm(hidden)
-        blocks = self.model.encoder.layers
+        hidden = self.family.embed(self.model, pixels)  # [B, P+N, C]
+        blocks = self.family.blocks(self.model)
         for block in blocks[: self.layer]:
-            hidden = block(hidden, None)  # [B, 1+N, C]
+            hidden = block(hidden, None)  # [B, P+N, C]
 
         scoring_block = blocks[self.layer]
-        normed = scoring_block.layer_norm1(hidden)
-        queries = scoring_block.self_attn.q_proj(normed[:, :1])  # [B, 1, C], the CLS query only
-        keys = scoring_block.self_attn.k_proj(normed)  # [B, 1+N, C]
-
-        return EncoderOutput(
-            features=hidden[:, 1:],
-            keys=keys[:, 1:],
-            cls_attn=self._cls_attention(queries, keys),
-        )
-
-    def _cls_attention(self, cls_query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """CLS→patch attention ``[B, N]`` (float32) from ``cls_query [B,1,C]`` and ``keys [B,1+N,C]``."""
-        cls_query, keys = cls_query.float(), keys.float()
-        if self.cls_attention == "full_width":
-            logits = torch.einsum("bqc,bnc->bn", cls_query, keys) / math.sqrt(keys.shape[-1])
-            attention = logits.softmax(dim=-1)  # [B, 1+N]
+        attention = self.family.attention(scoring_block)
+        normed = self.family.attention_norm(scoring_block)(hidden)
+        keys = attention.k_proj(normed)  # [B, P+N, C]
+        features = hidden[:, self.prefix :]
+        if self.importance == "probe":
+            importance = self._probe_attention(features)
+        elif self.importance == "cls":
+            cls_query = attention.q_proj(normed[:, :1]).float()  # [B, 1, C]
+            logits = torch.einsum("bqc,bnc->bn", cls_query, keys.float()) / math.sqrt(keys.shape[-1])
+            importance = logits.softmax(dim=-1)[:, self.prefix :]
         else:
-            heads_q = rearrange(cls_query, "b 1 (h d) -> b h d", h=self.num_heads)
-            heads_k = rearrange(keys, "b n (h d) -> b h n d", h=self.num_heads)
-            logits = torch.einsum("bhd,bhnd->bhn", heads_q, heads_k) / math.sqrt(heads_q.shape[-1])
-            attention = logits.softmax(dim=-1).mean(dim=1)  # [B, 1+N]
-        return attention[:, 1:]
+            queries = attention.q_proj(normed if self.importance == "mean_received" else normed[:, :1])
+            importance = self._head_mean_attention(queries, keys)[:, self.prefix :]
+        return EncoderOutput(features=features, keys=keys[:, self.prefix :], importance=importance)
+
+    def _head_mean_attention(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """``queries [B, Q, C]``' per-head attention probabilities over ``keys [B, T, C]``, averaged over heads and
+        queries: ``[B, T]`` float32. One head at a time, so at most ``[B, Q, T]`` scores are held."""
+        heads_q = rearrange(queries.float(), "b q (h d) -> h b q d", h=self.num_heads)
+        heads_k = rearrange(keys.float(), "b t (h d) -> h b t d", h=self.num_heads)
+        scale = heads_q.shape[-1] ** -0.5
+        total = torch.zeros(keys.shape[:2], device=keys.device)
+        for head_q, head_k in zip(heads_q, heads_k):
+            total += (head_q @ head_k.transpose(1, 2) * scale).softmax(dim=-1).mean(dim=1)
+        return total / self.num_heads
+
+    def _probe_attention(self, features: torch.Tensor) -> torch.Tensor:
+        """SigLIP's pooling head: its probe query's attention over ``post_layernorm(features [B, N, C])``,
+        averaged over heads: ``[B, N]`` float32."""
+        head = self.model.head.attention  # torch.nn.MultiheadAttention, q/k/v packed in in_proj_weight
+        weight_q, weight_k, _ = head.in_proj_weight.chunk(3)
+        bias_q, bias_k, _ = head.in_proj_bias.chunk(3)
+        probe = F.linear(self.model.head.probe, weight_q, bias_q).expand(len(features), 1, -1)  # [B, 1, C]
+        keys = F.linear(self.model.post_layernorm(features), weight_k, bias_k)  # [B, N, C]
+        return self._head_mean_attention(probe, keys)

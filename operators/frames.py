@@ -41,8 +41,7 @@ class FrameRequest:
     sampling: FrameSampling = FrameSampling()
     frames: tuple[int, ...] | None = None
     skip_frames: frozenset[int] = field(default_factory=frozenset)
-    preprocess: str = "crop"
-    image_size: int = 336
+    preprocessing: Preprocessing = Preprocessing()
     anyres: bool = False
     pinpoints: tuple[tuple[int, int], ...] = DEFAULT_PINPOINTS
     max_image_pixels: int = DEFAULT_MAX_PIXELS
@@ -70,7 +69,7 @@ class _Views:
 
     def __init__(self, request: FrameRequest) -> None:
         self.request = request
-        self.preprocessing = Preprocessing(mode=request.preprocess, image_size=request.image_size)
+        self.preprocessing = request.preprocessing
 
     def decode_size(self, width: int, height: int) -> tuple[int, int]:
         """The size to have the decoder scale a ``width``×``height`` frame to."""
@@ -80,7 +79,7 @@ class _Views:
 
     def __call__(self, frame: np.ndarray, source_size: tuple[int, int]) -> dict:
         if self.request.anyres:
-            tiles = anyres_tiles(frame, self.request.image_size, self.request.pinpoints, source_size=source_size)
+            tiles = anyres_tiles(frame, self.preprocessing.image_size, self.request.pinpoints, source_size=source_size)
             pixels, rows, cols = tiles.pixels.numpy(), tiles.grid_rows, tiles.grid_cols
         else:
             pixels, rows, cols = self.preprocessing.square(frame[None]).numpy(), 1, 1

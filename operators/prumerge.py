@@ -35,7 +35,7 @@ class ReducedFrames:
 
     tokens: list[torch.Tensor]  # [n_i, C], the input features' dtype
     positions: list[torch.Tensor]  # [n_i] int64, row-major patch index; -1 for the extra token
-    scores: list[torch.Tensor]  # [n_i] float32, CLS attention of each kept token (extra: pruned mass)
+    scores: list[torch.Tensor]  # [n_i] float32, importance of each kept token (extra: pruned mass)
 
     @property
     def num_tokens(self) -> list[int]:
@@ -70,7 +70,7 @@ def top_budget(scores: torch.Tensor, budget: int) -> torch.Tensor:
 
 
 def select_tokens(scores: torch.Tensor, mode: Mode, budget: int | None = None) -> torch.Tensor:
-    """Kept mask ``[B, N]`` for ``mode`` from the CLS attention ``scores [B, N]``."""
+    """Kept mask ``[B, N]`` for ``mode`` from the importance ``scores [B, N]``."""
     if mode == "fixed":
         return top_budget(scores, budget)
     kept = iqr_outliers(scores)
@@ -89,7 +89,7 @@ def merge_tokens(
     Args:
         features: ``[B, N, C]`` token features to merge (the encoder's selected layer).
         keys: ``[B, N, C]`` keys used for the cosine similarity between tokens.
-        scores: ``[B, N]`` importance weights (CLS attention).
+        scores: ``[B, N]`` importance weights.
         kept: ``[B, N]`` bool mask of the tokens to keep; counts may differ between frames.
         k_neighbors: neighbours merged into each kept token (capped at N-1).
     """
@@ -140,7 +140,7 @@ def merge_tokens(
 def prumerge(
     features: torch.Tensor,
     keys: torch.Tensor,
-    cls_attn: torch.Tensor,
+    importance: torch.Tensor,
     mode: Mode = "prumerge",
     budget: int | None = None,
     k_neighbors: int = 32,
@@ -150,7 +150,8 @@ def prumerge(
     Args:
         features: ``[B, N, C]`` patch features (any float dtype; the merge runs in float32).
         keys: ``[B, N, C]`` the same layer's self-attention keys for the patches.
-        cls_attn: ``[B, N]`` CLS→patch attention, the importance score.
+        importance: ``[B, N]`` each patch's importance score (PruMerge's: the CLS query's attention; see
+            `operators.encode` for the other rules), non-negative, at most 1 in sum per frame.
         mode: ``"prumerge"`` (IQR outliers), ``"prumerge+"`` (outliers plus spatial samples) or
             ``"fixed"`` (exactly ``budget`` top-scoring tokens).
         budget: tokens to keep in ``"fixed"`` mode (1..N); must be None otherwise.
@@ -160,10 +161,10 @@ def prumerge(
         `ReducedFrames` with ``n_i = kept_i + 1`` tokens per frame (kept tokens in raster order, then
         the extra token).
     """
-    if features.ndim != 3 or keys.shape != features.shape or cls_attn.shape != features.shape[:2]:
+    if features.ndim != 3 or keys.shape != features.shape or importance.shape != features.shape[:2]:
         raise ValueError(
-            "expected features [B,N,C], keys [B,N,C] and cls_attn [B,N]; got "
-            f"{tuple(features.shape)}, {tuple(keys.shape)}, {tuple(cls_attn.shape)}"
+            "expected features [B,N,C], keys [B,N,C] and importance [B,N]; got "
+            f"{tuple(features.shape)}, {tuple(keys.shape)}, {tuple(importance.shape)}"
         )
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -176,5 +177,5 @@ def prumerge(
     if k_neighbors < 1:
         raise ValueError(f"k_neighbors must be >= 1, got {k_neighbors}")
 
-    kept = select_tokens(cls_attn, mode, budget)
-    return merge_tokens(features, keys, cls_attn, kept, k_neighbors)
+    kept = select_tokens(importance, mode, budget)
+    return merge_tokens(features, keys, importance, kept, k_neighbors)

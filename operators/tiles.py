@@ -17,8 +17,16 @@ from einops import rearrange
 
 from operators.preprocess import resize_uint8
 
-# llava-v1.6 grid pinpoints for 336-px towers, as (width, height).
-DEFAULT_PINPOINTS: tuple[tuple[int, int], ...] = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+# llava-v1.6's grid pinpoints, in tiles (columns, rows): for 336-px towers 336x672, 672x336, 672x672, 1008x336, 336x1008.
+DEFAULT_GRIDS: tuple[tuple[int, int], ...] = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
+
+
+def default_pinpoints(tile_size: int) -> tuple[tuple[int, int], ...]:
+    """llava-v1.6's grid pinpoints for a tower whose input is ``tile_size`` px, as (width, height) px."""
+    return tuple((cols * tile_size, rows * tile_size) for cols, rows in DEFAULT_GRIDS)
+
+
+DEFAULT_PINPOINTS = default_pinpoints(336)
 GLOBAL_VIEW = -1
 
 

@@ -10,8 +10,10 @@ from typing import Literal
 from operators.decode import DEFAULT_MAX_FRAME_PIXELS
 from operators.encode import DEFAULT_MODEL
 from operators.images import DEFAULT_MAX_PIXELS
+from operators.preprocess import RESIZE_MODES, Preprocessing
 from operators.sampling import FrameSampling
-from operators.tiles import DEFAULT_PINPOINTS
+from operators.tiles import default_pinpoints
+from operators.towers import IMPORTANCE_RULES, TowerInfo
 from pipeline.runlog import LEVELS
 
 
@@ -28,7 +30,8 @@ class EncodeConfig:
     output: str = _flag("output directory (local or pyarrow filesystem URI): shards/, errors/, logs/, runs/, "
                         "manifest.json")
     media: Literal["video", "image"] = _flag("what the inputs are", "video", choices=("video", "image"))
-    model: str = _flag("Hugging Face hub id or local path of a CLIP vision checkpoint", DEFAULT_MODEL)
+    model: str = _flag("Hugging Face hub id or local path of a vision checkpoint: CLIP, SigLIP, SigLIP 2, ViT or DINOv2 "
+                       "(a full CLIP/SigLIP checkpoint or its vision tower alone)", DEFAULT_MODEL)
     model_revision: str | None = _flag(
         "exact revision of --model: a hub commit hash, branch or tag (default: the revision found on the driver: "
         "the hub cache's commit, or a local folder's sha256 content fingerprint); every encoder loads exactly it "
@@ -48,15 +51,18 @@ class EncodeConfig:
         "token reduction", "prumerge", choices=("prumerge", "prumerge+", "fixed"))
     budget: int | None = _flag("tokens kept per frame/tile with --method fixed (plus one merged extra token)")
     k_neighbors: int = _flag("neighbours (by key cosine similarity) merged into each kept token", 32)
-    cls_attention: Literal["full_width", "head_mean"] = _flag(
-        "importance score: published full-width q·k softmax, or the mean of the per-head attention",
-        "full_width", choices=("full_width", "head_mean"))
-    preprocess: Literal["crop", "pad"] = _flag(
-        "'crop': CLIPImageProcessor (shortest side, centre crop); 'pad': LLaVA pad-to-square", "crop",
-        choices=("crop", "pad"))
+    importance: Literal["cls", "cls_head_mean", "probe", "mean_received"] | None = _flag(
+        "patch importance, from the block after --layer: 'cls' the CLS query's full-width attention (PruMerge's); "
+        "'cls_head_mean' its per-head attention, averaged; 'probe' SigLIP's pooling-head query's attention; "
+        "'mean_received' the attention each patch receives from all queries (default: cls for towers with a CLS "
+        "token, probe for SigLIP)", choices=IMPORTANCE_RULES)
+    preprocess: Literal["crop", "squash", "pad"] | None = _flag(
+        "'crop': shortest side, centre crop (CLIP's processor); 'squash': resize to the square input (SigLIP's, "
+        "ViT's); 'pad': LLaVA pad-to-square (default: the checkpoint's own image processor's rule)",
+        choices=RESIZE_MODES)
     anyres: bool = _flag("split frames/images into LLaVA-NeXT AnyRes tiles plus a global view", False)
-    pinpoints: str = _flag("AnyRes grid resolutions as WxH,WxH,...",
-                           ",".join(f"{w}x{h}" for w, h in DEFAULT_PINPOINTS))
+    pinpoints: str | None = _flag("AnyRes grid resolutions as WxH,WxH,..., each side a multiple of the tower's input "
+                                  "size S (default: llava-v1.6's, S x 2S, 2S x S, 2S x 2S, 3S x S, S x 3S)")
     batch_size: int = _flag("frames per encoder batch (AnyRes frames count once, whatever their tiles)", 16)
     decode_timeout_s: float = _flag("a decoder that delivers no frame for this many seconds is stopped as hung; "
                                      "the input's frames it did not deliver become an error row", 300.0)
@@ -110,23 +116,39 @@ class EncodeConfig:
             raise ValueError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.encoder_threads is not None and self.encoder_threads < 1:
             raise ValueError("--encoder-threads must be >= 1")
-        self.pinpoint_list()  # refuses a malformed --pinpoints now, not in every input's decoder
+        if self.pinpoints is not None:
+            self.pinpoint_list()  # refuses a malformed --pinpoints now, not in every input's decoder
 
-    def check_model_fit(self, image_size: int, patch_size: int) -> None:
-        """Refuse settings the tower cannot serve: AnyRes pinpoints that are not whole multiples of its
-        input size ``image_size`` (px), or a fixed budget above its ``(image_size / patch_size)²`` patches.
+    def for_tower(self, tower: TowerInfo) -> EncodeConfig:
+        """This config with what it leaves to the tower filled in (``importance``, ``preprocess``, ``pinpoints``),
+        checked against what the tower can serve.
 
         Raises:
-            ValueError: naming the flag and what would fit.
+            ValueError: naming the flag: an importance rule the tower cannot compute, AnyRes pinpoints that are
+                not whole multiples of its input size, or a fixed budget above its patches per view.
         """
+        size = tower.image_size
+        resolved = dataclasses.replace(
+            self,
+            importance=self.importance or tower.default_importance,
+            preprocess=self.preprocess or tower.preprocessing.mode,
+            pinpoints=self.pinpoints or ",".join(f"{w}x{h}" for w, h in default_pinpoints(size)))
+        tower.check_importance(resolved.importance)
         if self.anyres:
-            bad = [f"{w}x{h}" for w, h in self.pinpoint_list() if w % image_size or h % image_size]
+            bad = [f"{w}x{h}" for w, h in resolved.pinpoint_list() if w % size or h % size]
             if bad:
                 raise ValueError(f"--pinpoints {', '.join(bad)}: each side must be a multiple of the model's input "
-                                 f"size {image_size} px (e.g. {image_size}x{2 * image_size})")
-        patches = (image_size // patch_size) ** 2
+                                 f"size {size} px (e.g. {size}x{2 * size})")
+        patches = tower.grid_size**2
         if self.budget is not None and not 1 <= self.budget <= patches:
             raise ValueError(f"--budget {self.budget}: the model has {patches} patches per view; use 1..{patches}")
+        return resolved
+
+    def preprocessing(self, tower: TowerInfo) -> Preprocessing:
+        """How frames become ``tower``'s input: its own rule, or ``preprocess`` when set (then a crop crops at S)."""
+        if self.preprocess is None or self.preprocess == tower.preprocessing.mode:
+            return tower.preprocessing
+        return dataclasses.replace(tower.preprocessing, mode=self.preprocess, resize_size=tower.image_size)
 
     def sampling(self) -> FrameSampling:
         """The videos' frame sampling; raises ValueError (naming the flag) when out of range."""
@@ -140,7 +162,10 @@ class EncodeConfig:
             raise ValueError(message) from error
 
     def pinpoint_list(self) -> tuple[tuple[int, int], ...]:
-        """``--pinpoints`` as ``((width, height), ...)``; raises ValueError when malformed or not positive."""
+        """``--pinpoints`` as ``((width, height), ...)``; raises ValueError when malformed or not positive, or not
+        yet resolved (`for_tower`)."""
+        if self.pinpoints is None:
+            raise ValueError("--pinpoints is resolved from the tower's input size: call EncodeConfig.for_tower first")
         try:
             points = tuple(tuple(int(v) for v in item.lower().split("x")) for item in self.pinpoints.split(","))
         except ValueError:

@@ -10,6 +10,7 @@ from einops import rearrange, repeat
 from PIL import Image, ImageDraw
 
 from operators.frames import frame_rows
+from operators.preprocess import Preprocessing
 from pipeline.config import EncodeConfig
 from pipeline.dataset import select_frames
 from pipeline.inputs import filesystem_and_path, local_file
@@ -26,12 +27,14 @@ KEPT_OUTLINE = (255, 220, 0)
 
 
 def highlight(view: np.ndarray, positions: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    """``view [S, S, 3]`` uint8 with the patches in ``positions`` outlined and every other patch shaded."""
+    """``view [S, S, 3]`` uint8 with the patches in ``positions`` outlined and every other patch shaded. Pixels
+    past the last whole patch (SigLIP so400m: 384 px = 27 patches of 14 + 6 px the tower never sees) are shaded."""
     rows, cols = grid
     patch_h, patch_w = view.shape[0] // rows, view.shape[1] // cols
     kept = np.zeros(rows * cols, dtype=bool)
     kept[positions[positions >= 0]] = True
-    kept = repeat(kept.reshape(rows, cols), "gh gw -> (gh ph) (gw pw)", ph=patch_h, pw=patch_w)  # [S, S]
+    kept = repeat(kept.reshape(rows, cols), "gh gw -> (gh ph) (gw pw)", ph=patch_h, pw=patch_w)
+    kept = np.pad(kept, ((0, view.shape[0] - kept.shape[0]), (0, view.shape[1] - kept.shape[1])))  # [S, S]
     y, x = np.indices(kept.shape)
     line = max(1, patch_h // 7)  # 2 px for 14 px patches: still visible after scaling the panel down
     border = (y % patch_h < line) | (y % patch_h >= patch_h - line) | (x % patch_w < line) | (x % patch_w >= patch_w - line)
@@ -44,13 +47,11 @@ def source_views(video: VideoTokens, metadata: dict) -> list[np.ndarray]:
     """The ``[T, S, S, 3]`` uint8 views the encoder saw for each frame of ``video`` (global view first).
 
     The media kind and the preprocessing come from the shards' run metadata."""
-    preprocessing = metadata["preprocessing"]
-    pinpoints = {"pinpoints": preprocessing["pinpoints"]} if preprocessing["pinpoints"] else {}
-    config = EncodeConfig(media=metadata["media"], preprocess=preprocessing["mode"], anyres=preprocessing["anyres"],
-                          **pinpoints)
+    recorded = metadata["preprocessing"]
+    config = EncodeConfig(media=metadata["media"], anyres=recorded["anyres"], pinpoints=recorded["pinpoints"])
     with local_file(*filesystem_and_path(video.source_path)) as path:
         wanted = [frame.frame_index for frame in video.frames]
-        request = frame_request(config, preprocessing["image_size"], path, frames=wanted)
+        request = frame_request(config, Preprocessing.from_metadata(recorded), path, frames=wanted)
         rows = list(frame_rows(request))
     frames = [row for row in rows if row["kind"] == "frame"]
     if len(frames) != len(wanted):

@@ -29,11 +29,13 @@ def failure_line(row: dict) -> str:
 @dataclass
 class RunReport:
     """Counts and ratios of one output directory (all frames of all videos in its shards), and its
-    failures. ``model``, ``method``, ``hidden_size`` and ``patches_per_view`` come from the shards'
-    metadata: ``None`` when the output holds no shard (every input failed)."""
+    failures. ``model``, ``tower``, ``method``, ``importance``, ``hidden_size`` and ``patches_per_view`` come from
+    the shards' metadata: ``None`` when the output holds no shard (every input failed)."""
 
     model: str | None
+    tower: str | None
     method: str | None
+    importance: str | None
     hidden_size: int | None
     patches_per_view: int | None
     videos: int
@@ -72,7 +74,8 @@ class RunReport:
 
     def lines(self) -> list[str]:
         per_frame = self.tokens_per_frame
-        settings = (f"model {self.model}  method {self.method}  hidden size {self.hidden_size}  "
+        settings = (f"model {self.model} ({self.tower} tower)  method {self.method}, importance {self.importance}  "
+                    f"hidden size {self.hidden_size}  "
                     f"{self.patches_per_view} patches per view" if self.model is not None
                     else "no shards: no input produced tokens (manifest.json records the run's settings)")
         lines = [
@@ -119,14 +122,17 @@ def summarize(reader: TokenReader) -> RunReport:
     errors_by_type: dict[str, int] = {}
     for kind in errors["error_type"].to_pylist():
         errors_by_type[kind] = errors_by_type.get(kind, 0) + 1
-    model = method = patches_per_view = None
+    model = tower = method = importance = patches_per_view = None
     if reader.metadata is not None:
-        model, method = reader.metadata["model"], reader.metadata["method"]
+        model, tower, method = reader.metadata["model"], reader.metadata["tower"], reader.metadata["method"]
+        importance = reader.metadata["method_params"]["importance"]
         rows_, cols_ = reader.metadata["patch_grid"]
         patches_per_view = rows_ * cols_
     return RunReport(
         model=model,
+        tower=tower,
         method=method,
+        importance=importance,
         hidden_size=reader.hidden_size,
         patches_per_view=patches_per_view,
         videos=len(shard_ids),

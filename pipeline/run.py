@@ -16,9 +16,10 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
-from transformers import CLIPVisionConfig
 
-from operators.encode import load_vision_config, resolve_revision
+from operators.checkpoint import resolve_revision
+from operators.preprocess import Preprocessing
+from operators.towers import TowerInfo, describe_tower
 from pipeline.config import EncodeConfig
 from pipeline.commit import (CommitState, DamagedOutputError, committed_files, error_files, merge_index_parts,
                              prepare_output, read_error_rows)
@@ -82,22 +83,21 @@ class RunSummary:
         return lines
 
 
-def run_metadata(config: EncodeConfig, vision: CLIPVisionConfig) -> dict:
-    """What every shard records about how its tokens were made."""
-    grid = vision.image_size // vision.patch_size
+def run_metadata(config: EncodeConfig, tower: TowerInfo, preprocessing: Preprocessing) -> dict:
+    """What every shard records about how its tokens were made (``config`` resolved by `EncodeConfig.for_tower`)."""
     return {
         "media": config.media,
         "video_id_rule": VIDEO_ID_RULE,
         "model": config.model,
         "model_revision": config.model_revision,
+        "tower": tower.family,
         "layer": config.layer,
-        "hidden_size": vision.hidden_size,
-        "patch_grid": [grid, grid],
+        "hidden_size": tower.hidden_size,
+        "patch_grid": [tower.grid_size, tower.grid_size],
         "method": config.method,
-        "method_params": {"budget": config.budget, "k_neighbors": config.k_neighbors, "cls_attention": config.cls_attention},
+        "method_params": {"budget": config.budget, "k_neighbors": config.k_neighbors, "importance": config.importance},
         "preprocessing": {
-            "mode": config.preprocess,
-            "image_size": vision.image_size,
+            **preprocessing.to_metadata(),
             "anyres": config.anyres,
             "pinpoints": config.pinpoints if config.anyres else None,
         },
@@ -203,7 +203,8 @@ def pending_rows(inputs: list[InputItem], state: CommitState) -> list[dict]:
     return rows
 
 
-def build_dataset(rows: list[dict], config: EncodeConfig, image_size: int, filesystems: dict[str, pafs.FileSystem],
+def build_dataset(rows: list[dict], config: EncodeConfig, preprocessing: Preprocessing,
+                  filesystems: dict[str, pafs.FileSystem],
                   plan: ResourcePlan, encoder_stage: type = EncodeTokens) -> ray.data.Dataset:
     """inputs (up to `MAX_INPUT_BLOCKS` blocks) → decode (CPU actor pool, each input read once, frames
     streamed) → encode (actor pool of ``encoder_stage``, `EncodeTokens` or a stand-in with its interface),
@@ -219,7 +220,7 @@ def build_dataset(rows: list[dict], config: EncodeConfig, image_size: int, files
             ray.data.from_items(rows, override_num_blocks=min(len(rows), MAX_INPUT_BLOCKS))
             .flat_map(
                 DecodeInputs,
-                fn_constructor_kwargs={"config": config, "image_size": image_size, "filesystems": filesystems},
+                fn_constructor_kwargs={"config": config, "preprocessing": preprocessing, "filesystems": filesystems},
                 # one input at a time per actor: inputs never queue behind one whose decoder hangs. A fixed
                 # size: Ray (2.60) grows a pool only above 175 % use, which one task per actor never reaches.
                 compute=ray.data.ActorPoolStrategy(size=min(plan.decoders, len(rows)), max_tasks_in_flight_per_actor=1),
@@ -228,7 +229,7 @@ def build_dataset(rows: list[dict], config: EncodeConfig, image_size: int, files
             )
             .map_batches(
                 encoder_stage,
-                fn_constructor_kwargs={"config": config, "threads": plan.encoder_threads},
+                fn_constructor_kwargs={"config": config, "preprocessing": preprocessing, "threads": plan.encoder_threads},
                 batch_size=config.batch_size,
                 compute=ray.data.ActorPoolStrategy(
                     size=plan.encoders, max_concurrent_calls_per_actor=plan.encoder_calls,
@@ -299,15 +300,19 @@ def run(config: EncodeConfig, encoder_stage: type = EncodeTokens) -> RunSummary:
     if os.path.isdir(config.model):  # one name for a local folder (`clip/`, `./clip`, a link to it)
         config = dataclasses.replace(config, model=os.path.realpath(config.model))
     try:
-        # Pinned once here; every encoder actor loads exactly this revision (`operators.encode`).
+        # Pinned once here; every encoder actor loads exactly this revision (`operators.checkpoint`).
         config = dataclasses.replace(config, model_revision=resolve_revision(config.model, config.model_revision))
     except ValueError as error:  # a local checkpoint that is not the one --model-revision names
         raise RunSetupError(str(error)) from error
-    # the config only (no weights), before Ray starts; a local folder was just fingerprinted, not again
-    vision = load_vision_config(config.model, None if os.path.isdir(config.model) else config.model_revision)
-    metadata_ = run_metadata(config, vision)
     try:
-        config.check_model_fit(vision.image_size, vision.patch_size)
+        # the configs only (no weights), before Ray starts; a local folder was just fingerprinted, not again
+        tower = describe_tower(config.model, None if os.path.isdir(config.model) else config.model_revision)
+        config = config.for_tower(tower)
+    except ValueError as error:  # not a tower the job runs, or settings it cannot serve
+        raise RunSetupError(str(error)) from error
+    preprocessing = config.preprocessing(tower)
+    metadata_ = run_metadata(config, tower, preprocessing)
+    try:
         check_output_compatible(config.output, metadata_)
         logger.info("listing inputs of %s", redact_credentials(config.input))
         listing = list_inputs(config.input, config.media)
@@ -328,12 +333,12 @@ def run(config: EncodeConfig, encoder_stage: type = EncodeTokens) -> RunSummary:
     except OSError as error:
         raise RunSetupError(f"cannot write to the output {redact_credentials(config.output)}: {error}") from error
     try:
-        return _run_holding_lease(config, listing, vision.image_size, metadata_, run_id, started, lease, encoder_stage)
+        return _run_holding_lease(config, listing, preprocessing, metadata_, run_id, started, lease, encoder_stage)
     finally:
         lease.release()
 
 
-def _run_holding_lease(config: EncodeConfig, listing: Listing, image_size: int, metadata_: dict, run_id: str,
+def _run_holding_lease(config: EncodeConfig, listing: Listing, preprocessing: Preprocessing, metadata_: dict, run_id: str,
                        started: float, lease: OutputLease, encoder_stage: type) -> RunSummary:
     """`run` from the moment the run has an id and holds the output: record, log, encode, record."""
     record = {
@@ -358,15 +363,17 @@ def _run_holding_lease(config: EncodeConfig, listing: Listing, image_size: int, 
         logger.info("run %s: %s job, output %s, log %s", run_id, config.media, redact_credentials(config.output),
                     run_log.path)
         sampling = f", sampling {metadata_['sampling']}" if config.media == "video" else ""
-        logger.info("model %s, layer %d, method %s %s%s", config.model, config.layer, config.method,
-                    metadata_["method_params"], sampling)
+        logger.info("model %s (%s tower, %s px, %s patches), layer %d, method %s %s, preprocessing %s%s", config.model,
+                    metadata_["tower"], metadata_["preprocessing"]["image_size"],
+                    "x".join(map(str, metadata_["patch_grid"])), config.layer, config.method,
+                    metadata_["method_params"], preprocessing, sampling)
         errors_before: set[str] = set()
         failures_logged = False
         ray_was_running = ray.is_initialized()
         try:
             errors_before = error_files(config.output)
             _log_listing(listing)
-            summary, config = _encode(config, listing, image_size, metadata_, started, run_id, encoder_stage)
+            summary, config = _encode(config, listing, preprocessing, metadata_, started, run_id, encoder_stage)
             _merge_index(config.output, run_id)
             lease.check()
             _log_failures(config.output, errors_before)
@@ -413,7 +420,7 @@ def _merge_index(output: str, run_id: str) -> None:
         logger.warning("cannot merge the index parts of %s (readers read them unmerged): %s", output, brief(error))
 
 
-def _encode(config: EncodeConfig, listing: Listing, image_size: int, metadata_: dict,
+def _encode(config: EncodeConfig, listing: Listing, preprocessing: Preprocessing, metadata_: dict,
             started: float, run_id: str, encoder_stage: type) -> tuple[RunSummary, EncodeConfig]:
     """Make the output consistent (`prepare_output`), plan against what earlier runs committed, run the
     graph, and summarise.
@@ -432,7 +439,7 @@ def _encode(config: EncodeConfig, listing: Listing, image_size: int, metadata_: 
     _log_plan(inputs, rows, state.failed, config.media)
 
     # the most views a frame has: the global view and the largest AnyRes grid
-    views = 1 + max(w * h for w, h in config.pinpoint_list()) // image_size**2 if config.anyres else 1
+    views = 1 + max(w * h for w, h in config.pinpoint_list()) // preprocessing.image_size**2 if config.anyres else 1
     sink = ShardSink(config.output, metadata_, run_id, config.frames_per_shard, int(config.shard_mb * 2**20), views)
     if rows:
         _ensure_ray(config)
@@ -442,7 +449,7 @@ def _encode(config: EncodeConfig, listing: Listing, image_size: int, metadata_: 
         logger.info("Ray at %s: %s", ray.get_runtime_context().gcs_address, plan.describe())
         # Writes hold no CPU: the decoder and encoder actors hold theirs for the whole run, and a write
         # that waits for a free CPU would keep every shard in memory until the end (nothing committed).
-        build_dataset(rows, config, image_size, listing.filesystems, plan, encoder_stage).write_datasink(
+        build_dataset(rows, config, preprocessing, listing.filesystems, plan, encoder_stage).write_datasink(
             sink, ray_remote_args={"num_cpus": 0})
     return summarize_run(listing, rows, state, sink.stats, time.time() - started), config
 

@@ -149,8 +149,23 @@ def file_metadata(run_metadata: dict) -> dict[bytes, bytes]:
 
 
 def read_file_metadata(schema: pa.Schema) -> dict:
+    """The run metadata a file records (`file_metadata`), in today's form (`upgrade_metadata`); {} when none."""
     raw = (schema.metadata or {}).get(METADATA_KEY)
-    return json.loads(raw) if raw else {}
+    return upgrade_metadata(json.loads(raw)) if raw else {}
+
+
+def upgrade_metadata(metadata: dict) -> dict:
+    """Run metadata written before the tower family was recorded (CLIP towers only: ``method_params`` held
+    ``cls_attention``, ``preprocessing`` no resize size or mean/std) in today's form, so such outputs stay
+    readable and resumable by a run with the same settings. Today's metadata is returned as it is."""
+    if "tower" in metadata or "cls_attention" not in metadata.get("method_params", {}):
+        return metadata
+    params = dict(metadata["method_params"])
+    params["importance"] = {"full_width": "cls", "head_mean": "cls_head_mean"}[params.pop("cls_attention")]
+    # what those versions always normalised with: CLIP's mean/std (written out: readers import no torch stack)
+    preprocessing = {**metadata["preprocessing"], "resize_size": metadata["preprocessing"]["image_size"],
+                     "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}
+    return {**metadata, "tower": "clip", "method_params": params, "preprocessing": preprocessing}
 
 
 def differing_settings(existing: dict, expected: dict) -> list[str]:

@@ -4,7 +4,7 @@ DecodeInputs (CPU actor, one input row → frame rows): fetches a remote input o
              `operators.frames.frame_rows` (probe, sample, decode at the model's size, crop/pad or
              AnyRes-tile) in a child process with a stall limit; each frame row carries
              ``pixels [T, S, S, 3]`` uint8 (T views: global first) and the input's ``source_info``.
-EncodeTokens (actor, batch of frame rows → Arrow table): CLIP once plus PruMerge on one device.
+EncodeTokens (actor, batch of frame rows → Arrow table): the vision tower once plus PruMerge on one device.
 
 What the input is to blame for (a `MediaError`, a decoder that hangs, crashes or is killed) becomes a
 row with ``error_type``/``error_message`` set that flows on to the sink's error table. Anything else (a
@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -25,7 +27,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import torch
 
-from operators.encode import ClipEncoder
+from operators.encode import VisionEncoder
 from operators.frames import FrameRequest, error_row, frame_rows, frame_span
 from operators.preprocess import Preprocessing
 from operators.prumerge import ReducedFrames, prumerge
@@ -37,18 +39,19 @@ from pipeline.schema import encoded_schema, failure_table, ragged, shard_schema,
 NO_ERROR = {"error_type": "", "error_message": "", "failed_frames": []}
 
 
-def frame_request(config: EncodeConfig, image_size: int, path: str, skip_frames=(), frames=None) -> FrameRequest:
-    """What `operators.frames.frame_rows` should make of one input under ``config``."""
+def frame_request(config: EncodeConfig, preprocessing: Preprocessing, path: str, skip_frames=(),
+                  frames=None) -> FrameRequest:
+    """What `operators.frames.frame_rows` should make of one input under ``config`` (resolved by
+    `EncodeConfig.for_tower`) for a tower that takes ``preprocessing``."""
     return FrameRequest(
         path=path,
         media=config.media,
         sampling=config.sampling(),
         frames=tuple(frames) if frames is not None else None,
         skip_frames=frozenset(int(i) for i in skip_frames),
-        preprocess=config.preprocess,
-        image_size=image_size,
+        preprocessing=preprocessing,
         anyres=config.anyres,
-        pinpoints=config.pinpoint_list(),
+        pinpoints=config.pinpoint_list() if config.anyres else (),
         max_image_pixels=config.max_image_pixels,
         max_frame_pixels=config.max_frame_pixels,
     )
@@ -58,15 +61,17 @@ class DecodeInputs:
     """Ray actor: input rows (``video_id``, ``source_path``, ``path``, ``filesystem``, ``problem``,
     ``done_frames``, ``failed_frames``) → frame rows.
 
-    ``filesystems`` (`pipeline.inputs.Listing.filesystems`) open each row's ``path``: the filesystem
+    ``preprocessing`` is the tower's (`EncodeConfig.preprocessing`). ``filesystems``
+    (`pipeline.inputs.Listing.filesystems`) open each row's ``path``: the filesystem
     that listed an input opens it, with its options (endpoint, region). One child process per actor
     does the decoding; it is killed when it sends nothing for ``config.decode_timeout_s`` and
     restarted for the next input.
     """
 
-    def __init__(self, config: EncodeConfig, image_size: int, filesystems: dict[str, pafs.FileSystem]) -> None:
+    def __init__(self, config: EncodeConfig, preprocessing: Preprocessing,
+                 filesystems: dict[str, pafs.FileSystem]) -> None:
         self.config = config
-        self.image_size = image_size
+        self.preprocessing = preprocessing
         self.filesystems = filesystems
         self.child = ChildProcess(config.decode_timeout_s, preload=("operators.frames",))
 
@@ -84,7 +89,7 @@ class DecodeInputs:
             except IsADirectoryError as error:
                 yield self._failed(row, error_row("IsADirectoryError", str(error)))
                 return
-            request = frame_request(self.config, self.image_size, path, skip)
+            request = frame_request(self.config, self.preprocessing, path, skip)
             todo: list[int] | None = None  # frames the child will decode, once it has probed the input
             delivered: set[int] = set()
             source_info = ""
@@ -137,7 +142,7 @@ class DecodeInputs:
             "timestamp_s": 0.0,
             "grid_rows": 0,
             "grid_cols": 0,
-            "pixels": np.zeros((0, self.image_size, self.image_size, 3), np.uint8),
+            "pixels": np.zeros((0, self.preprocessing.image_size, self.preprocessing.image_size, 3), np.uint8),
             "source_info": "",
             "error_type": error["error_type"],
             "error_message": error["error_message"],
@@ -149,26 +154,33 @@ class DecodeInputs:
 
 
 class EncodeTokens:
-    """Ray actor: loads the tower once, then CLIP once + PruMerge per batch, on the same device.
+    """Ray actor: loads the tower once, then the tower once + PruMerge per batch, on the same device.
 
+    ``config`` is resolved by `EncodeConfig.for_tower`; ``preprocessing`` normalises the views (its mean/std).
     `reduce` is the device work; the rest (splitting a batch, building its Arrow table) is host work that a
     stand-in for another device (``benchmarks/bench_standin.py``) keeps by overriding `reduce` only."""
 
-    def __init__(self, config: EncodeConfig, threads: int | None = None) -> None:
+    def __init__(self, config: EncodeConfig, preprocessing: Preprocessing, threads: int | None = None) -> None:
         device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if threads:  # what the run's plan gives a CPU encoder (`pipeline.resources`); None on a GPU
             torch.set_num_threads(threads)
         self.config = config
-        self.encoder = ClipEncoder(
+        started = time.monotonic()
+        self.encoder = VisionEncoder(
             config.model,
             layer=config.layer,
             device=device,
             dtype=getattr(torch, config.dtype) if config.dtype else None,
-            cls_attention=config.cls_attention,
+            importance=config.importance,
             revision=config.model_revision,
         )
-        self.preprocessing = Preprocessing(mode=config.preprocess, image_size=self.encoder.image_size)
+        self.preprocessing = preprocessing
         self.schema = encoded_schema(shard_schema(self.encoder.hidden_size))
+        # the run's log keeps what workers print (`pipeline.runlog`): one line per encoder actor
+        print(f"encoder ready: {self.encoder.family.name} tower, {self.encoder.layer} blocks run, importance "
+              f"{self.encoder.importance}, {self.encoder.device} {self.encoder.dtype}, "
+              f"{torch.get_num_threads()} threads, loaded in {time.monotonic() - started:.1f} s", file=sys.stderr,
+              flush=True)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         """Frame rows → one row per frame (its views' tokens in lists) plus one row per failure (error
@@ -188,7 +200,7 @@ class EncodeTokens:
         images = images.to(self.encoder.device, non_blocking=True)
         out = self.encoder(self.preprocessing.normalize(images))
         return prumerge(
-            out.features, out.keys, out.cls_attn,
+            out.features, out.keys, out.importance,
             mode=self.config.method, budget=self.config.budget, k_neighbors=self.config.k_neighbors,
         )
 

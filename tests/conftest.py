@@ -1,7 +1,9 @@
-"""Shared fixtures: a tiny random-weight CLIP checkpoint saved to disk and loaded through `from_pretrained`."""
+"""Shared fixtures: tiny random-weight checkpoints of each tower family (saved to disk with the image-processor
+config their real counterparts publish, loaded through `from_pretrained`), one Ray, a local S3 server."""
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -11,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import CLIPConfig, CLIPModel
+from transformers import (CLIPConfig, CLIPModel, Dinov2Config, Dinov2Model, SiglipConfig, SiglipModel,
+                          Siglip2VisionConfig, Siglip2VisionModel, ViTConfig, ViTForImageClassification)
 
 # The real tower's geometry (336 px, 14 px patches -> 24x24 = 576 patches) with a tiny width and depth.
 TINY_VISION = dict(
@@ -36,14 +39,67 @@ TINY_TEXT = dict(
 )
 
 
-@pytest.fixture(scope="session")
-def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A full `CLIPModel` checkpoint (vision + text, like openai/clip-vit-large-patch14-336), random weights."""
+TINY_BLOCKS = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4)
+HALF = [0.5, 0.5, 0.5]
+# Each family's preprocessor_config.json in the form its hub checkpoint publishes (sizes scaled where noted).
+PROCESSORS = {
+    "clip": {"crop_size": 336, "do_center_crop": True, "do_normalize": True, "do_resize": True, "size": 336,
+             "feature_extractor_type": "CLIPFeatureExtractor", "resample": 3,  # openai/clip-vit-large-patch14-336
+             "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]},
+    "siglip": {"do_normalize": True, "do_rescale": True, "do_resize": True, "image_processor_type":
+               "SiglipImageProcessor", "image_mean": HALF, "image_std": HALF, "resample": 3,  # so400m/14-384
+               "rescale_factor": 1 / 255, "size": {"height": 384, "width": 384}},
+    "siglip2": {"do_normalize": True, "do_rescale": True, "do_resize": True, "image_processor_type":
+                "Siglip2ImageProcessor", "image_mean": HALF, "image_std": HALF, "max_num_patches": 64,  # naflex: 256
+                "patch_size": 16, "resample": 2, "rescale_factor": 1 / 255},
+    "vit": {"do_normalize": True, "do_rescale": True, "do_resize": True, "image_processor_type": "ViTImageProcessor",
+            "image_mean": HALF, "image_std": HALF, "resample": 2, "rescale_factor": 1 / 255,  # vit-base-patch16-224
+            "size": {"height": 224, "width": 224}},
+    "dinov2": {"crop_size": {"height": 224, "width": 224}, "do_center_crop": True, "do_normalize": True,
+               "do_rescale": True, "do_resize": True, "image_processor_type": "BitImageProcessor",  # dinov2-base
+               "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "resample": 3,
+               "rescale_factor": 1 / 255, "size": {"shortest_edge": 256}},
+}
+
+
+def tiny_tower(family: str):
+    """A random-weight model of ``family`` saved the way its real checkpoint is: CLIP and SigLIP whole (vision +
+    text), SigLIP 2 NaFlex as a vision tower, ViT as an ImageNet classifier (like ../shared's ViT-Ti), DINOv2 bare."""
     torch.manual_seed(0)
-    config = CLIPConfig(text_config=TINY_TEXT, vision_config=TINY_VISION, projection_dim=16)
-    path = tmp_path_factory.mktemp("tiny-clip")
-    CLIPModel(config).eval().save_pretrained(path)
+    if family == "clip":
+        return CLIPModel(CLIPConfig(text_config=TINY_TEXT, vision_config=TINY_VISION, projection_dim=16))
+    if family == "siglip":  # so400m's geometry: 384 px, 14-px patches → 27×27 (6 px unused)
+        return SiglipModel(SiglipConfig(vision_config=dict(image_size=384, patch_size=14, **TINY_BLOCKS),
+                                        text_config=dict(vocab_size=64, **TINY_BLOCKS)))
+    if family == "siglip2":  # 8×8 position grid of 16-px patches: 128 px
+        return Siglip2VisionModel(Siglip2VisionConfig(num_patches=64, patch_size=16, **TINY_BLOCKS))
+    if family == "vit":
+        return ViTForImageClassification(ViTConfig(image_size=224, patch_size=16, num_labels=5, **TINY_BLOCKS))
+    if family == "dinov2":  # position embeddings for 518 px, interpolated to the processor's 224
+        return Dinov2Model(Dinov2Config(image_size=518, patch_size=14, hidden_size=32, num_hidden_layers=3,
+                                        num_attention_heads=4, mlp_ratio=2))
+    raise ValueError(family)
+
+
+def save_tower(family: str, path: Path) -> Path:
+    tiny_tower(family).eval().save_pretrained(path)
+    (path / "preprocessor_config.json").write_text(json.dumps(PROCESSORS[family]))
     return path
+
+
+FAMILIES = tuple(PROCESSORS)
+
+
+@pytest.fixture(scope="session")
+def tower_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Family name → a tiny checkpoint folder of it (`tiny_tower`, with its processor config)."""
+    return {family: save_tower(family, tmp_path_factory.mktemp(f"tiny-{family}")) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tower_dirs) -> Path:
+    """A full `CLIPModel` checkpoint (vision + text, like openai/clip-vit-large-patch14-336), random weights."""
+    return tower_dirs["clip"]
 
 
 @pytest.fixture(scope="session")

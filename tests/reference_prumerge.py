@@ -13,14 +13,14 @@ import torch
 def reference_prumerge(
     features: torch.Tensor,
     keys: torch.Tensor,
-    cls_attn: torch.Tensor,
+    importance: torch.Tensor,
     mode: str,
     budget: int | None = None,
     k_neighbors: int = 32,
 ) -> list[tuple[torch.Tensor, list[int], list[float]]]:
     """Return, per frame, (tokens [n, C] float64, positions, scores)."""
     frames = []
-    for x, k, s in zip(features.double(), keys.double(), cls_attn.double()):
+    for x, k, s in zip(features.double(), keys.double(), importance.double()):
         frames.append(_reference_frame(x, k, s, mode, budget, k_neighbors))
     return frames
 

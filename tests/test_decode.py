@@ -11,6 +11,7 @@ import pytest
 
 from operators.decode import DecodedFrame, FrameError, VideoDecodeError, VideoReader
 from operators.frames import FrameRequest, frame_rows
+from operators.preprocess import Preprocessing
 from operators.sampling import FrameSampling, nearest_key_frames, sample_frame_indices
 from media import DECODABLE, frame_number, hostile, pyav_frames, video, write_clip, write_numbered_clip
 
@@ -245,8 +246,8 @@ def test_key_frame_mode_rows_record_the_frame_taken(tmp_path):
         assert reader.info.key_frame_indices.tolist() == encoder_keys
         times = reader.info.timestamps_s
     sampling = FrameSampling(num_frames=5, key_frames=True, key_frame_tolerance_s=0.5)  # 0, 24, 49, 74, 99
-    rows = [row for row in frame_rows(FrameRequest(path=str(path), sampling=sampling, image_size=64))
-            if row["kind"] == "frame"]
+    request = FrameRequest(path=str(path), sampling=sampling, preprocessing=Preprocessing(image_size=64))
+    rows = [row for row in frame_rows(request) if row["kind"] == "frame"]
     assert [row["frame_index"] for row in rows] == [0, 25, 50, 75, 99]  # 99: 1 s from 75, beyond the tolerance
     assert [row["timestamp_s"] for row in rows] == [times[i] for i in (0, 25, 50, 75, 99)]
     assert [frame_number(row["pixels"][0]) for row in rows] == [0, 25, 50, 75, 99]

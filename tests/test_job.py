@@ -332,18 +332,18 @@ def test_a_run_that_fails_records_it_and_its_log_holds_the_worker_traceback(tmp_
               damaged / "model.safetensors", metadata={"format": "pt"})
     inputs = make_video_inputs(tmp_path / "in", ["h265_video.mp4"])
     output = tmp_path / "out"
-    with pytest.raises(RunFailed, match="not a complete CLIP vision checkpoint") as failure:
+    with pytest.raises(RunFailed, match="not a complete clip vision checkpoint") as failure:
         run(EncodeConfig(input=str(inputs), output=str(output), model=str(damaged), num_frames=2))
 
     (record_path,) = (output / "runs").glob("*.json")
     record = json.loads(record_path.read_text())
-    assert record["status"] == "failed" and "not a complete CLIP vision checkpoint" in record["error"]
+    assert record["status"] == "failed" and "not a complete clip vision checkpoint" in record["error"]
     assert failure.value.run_id == record["run_id"] and failure.value.log == record["log"]
     assert json.loads((output / "manifest.json").read_text()) == record
     text = Path(record["log"]).read_text()
     assert f"run {record['run_id']} failed: " in text
     worker_lines = [line for line in text.splitlines() if " pipeline.workers: (" in line and "EncodeTokens" in line]
-    assert any("ValueError: " in line and "not a complete CLIP vision checkpoint" in line for line in worker_lines)
+    assert any("ValueError: " in line and "not a complete clip vision checkpoint" in line for line in worker_lines)
 
 
 def test_an_interrupted_run_logs_the_failures_it_committed_and_records_itself(tmp_path, tiny_clip_dir):

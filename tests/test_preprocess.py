@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import AutoImageProcessor
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from operators.preprocess import Preprocessing
+from operators.towers import describe_tower
 from media import decode_frame, video, video_info
 
 FRAMES = ["flipping_a_pancake.mkv", "bt709_full_range.mp4", "video_90.mov", "h265_video.mp4", "nasa_13013.mp4"]
@@ -72,10 +74,33 @@ def test_decode_sizes():
     assert crop.decode_size(320, 568) == (336, 596)
     assert pad.decode_size(426, 240) == (336, 189)
     assert pad.decode_size(128, 128) == (336, 336)
+    assert Preprocessing(mode="squash", image_size=384).decode_size(426, 240) == (384, 384)
+    dinov2 = Preprocessing(mode="crop", image_size=224, resize_size=256)
+    assert dinov2.decode_size(426, 240) == (454, 256)
+
+
+# Mean |difference| in normalised units: the same bicubic kernel as PIL's with uint8 rounding, except ViT's
+# processor, which resizes bilinear (the job always resizes bicubic: a departure, measured here).
+PROCESSOR_GAP = {"clip": 0.003, "siglip": 0.003, "dinov2": 0.003, "vit": 0.02}
+
+
+@pytest.mark.parametrize("family", sorted(PROCESSOR_GAP))
+@pytest.mark.parametrize("name", FRAMES[:3])
+def test_each_towers_own_rule_matches_its_image_processor(tower_dirs, family, name):
+    """The size, resize rule and mean/std read from a checkpoint's preprocessor_config.json give what the image
+    processor transformers builds from that file gives (its PIL-backed class)."""
+    processor = AutoImageProcessor.from_pretrained(tower_dirs[family])
+    full = first_frame(name)
+    expected = torch.from_numpy(processor(images=Image.fromarray(full[0]), return_tensors="np")["pixel_values"])
+    ours = describe_tower(str(tower_dirs[family])).preprocessing(full)
+    assert ours.shape == expected.shape
+    assert (ours - expected).abs().mean() < PROCESSOR_GAP[family]
 
 
 def test_rejects_non_uint8_frames():
     with pytest.raises(ValueError, match="uint8"):
         Preprocessing()(np.zeros((1, 10, 10, 3), np.float32))
     with pytest.raises(ValueError, match="mode"):
-        Preprocessing(mode="squash")
+        Preprocessing(mode="stretch")
+    with pytest.raises(ValueError, match="cannot crop 336 px"):
+        Preprocessing(mode="crop", image_size=336, resize_size=300)

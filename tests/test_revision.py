@@ -15,7 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from operators.encode import ClipEncoder, ModelUnavailableError, load_vision_config, resolve_revision
+from operators.checkpoint import ModelUnavailableError, resolve_revision
+from operators.encode import VisionEncoder
+from operators.towers import describe_tower
 
 COMMIT_A, COMMIT_B, ABSENT = "a" * 40, "b" * 40, "c" * 40
 REPO = "org/name"
@@ -68,16 +70,16 @@ def test_encoder_pinned_to_a_commit_loads_that_snapshot(hub_cache):
     weight_a, weight_b = (patch_weight(hub_cache / "snapshots" / commit) for commit in (COMMIT_A, COMMIT_B))
     assert not torch.equal(weight_a, weight_b)
 
-    pinned = ClipEncoder(REPO, device="cpu", revision=COMMIT_A)
+    pinned = VisionEncoder(REPO, device="cpu", revision=COMMIT_A)
     torch.testing.assert_close(pinned.model.embeddings.patch_embedding.weight, weight_a, rtol=0, atol=0)
-    unpinned = ClipEncoder(REPO, device="cpu")  # today's behaviour: whatever refs/main names
+    unpinned = VisionEncoder(REPO, device="cpu")  # today's behaviour: whatever refs/main names
     torch.testing.assert_close(unpinned.model.embeddings.patch_embedding.weight, weight_b, rtol=0, atol=0)
-    assert load_vision_config(REPO, COMMIT_A).image_size == pinned.image_size
+    assert describe_tower(REPO, COMMIT_A).image_size == 336
 
 
 def test_a_commit_absent_from_the_cache_is_not_replaced_by_another_snapshot(hub_cache):
-    for load in (lambda: resolve_revision(REPO, ABSENT), lambda: load_vision_config(REPO, ABSENT),
-                 lambda: ClipEncoder(REPO, device="cpu", revision=ABSENT)):
+    for load in (lambda: resolve_revision(REPO, ABSENT), lambda: describe_tower(REPO, ABSENT),
+                 lambda: VisionEncoder(REPO, device="cpu", revision=ABSENT)):
         with pytest.raises(ModelUnavailableError, match=f"revision {ABSENT} .*--model PATH.*--model-revision"):
             load()
     with pytest.raises(ModelUnavailableError, match="--model-revision"):
@@ -101,7 +103,7 @@ def test_local_folder_fingerprint_follows_the_files_that_define_the_tower(tiny_c
     (folder / "training_args.bin").write_bytes(b"a trainer's file, not loaded by from_pretrained")
     assert resolve_revision(str(folder)) == fingerprint
 
-    encoder = ClipEncoder(str(folder), device="cpu", revision=fingerprint)
+    encoder = VisionEncoder(str(folder), device="cpu", revision=fingerprint)
     assert encoder.revision == fingerprint
 
     change_weight(folder)
@@ -109,13 +111,13 @@ def test_local_folder_fingerprint_follows_the_files_that_define_the_tower(tiny_c
     assert changed != fingerprint
     with pytest.raises(ValueError, match=rf"checkpoint at .*clip.* on this node differs from the one this run "
                                          rf"recorded \({fingerprint}.*{changed}"):
-        ClipEncoder(str(folder), device="cpu", revision=fingerprint)
+        VisionEncoder(str(folder), device="cpu", revision=fingerprint)
     with pytest.raises(ValueError, match="differs from the one this run recorded"):
         resolve_revision(str(folder), fingerprint)
     with pytest.raises(ValueError, match="differs from the one this run recorded"):
-        load_vision_config(str(folder), fingerprint)
+        describe_tower(str(folder), fingerprint)
 
 
 def test_a_folder_fingerprint_on_a_node_without_the_folder(tmp_path):
     with pytest.raises(ModelUnavailableError, match="not a directory on this node"):
-        ClipEncoder(str(tmp_path / "absent"), device="cpu", revision="sha256:" + "0" * 64)
+        VisionEncoder(str(tmp_path / "absent"), device="cpu", revision="sha256:" + "0" * 64)
