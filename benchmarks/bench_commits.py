@@ -64,6 +64,7 @@ SIZES = {
 
 def run_metadata(frames: int) -> dict:
     """The shape of `pipeline.run.run_metadata` for a 336-px, 14-px-patch tower of hidden size `HIDDEN`."""
+    from operators.preprocess import Preprocessing
     from pipeline.inputs import VIDEO_ID_RULE
 
     return {
@@ -75,8 +76,9 @@ def run_metadata(frames: int) -> dict:
         "hidden_size": HIDDEN,
         "patch_grid": [24, 24],
         "method": "prumerge",
-        "method_params": {"budget": None, "k_neighbors": 32, "cls_attention": "full_width"},
-        "preprocessing": {"mode": "crop", "image_size": 336, "anyres": False, "pinpoints": None},
+        "method_params": {"budget": None, "k_neighbors": 32, "importance": "cls"},
+        "preprocessing": {**Preprocessing().to_metadata(), "anyres": False, "pinpoints": None},
+        "tower": "clip",
         "sampling": {"num_frames": frames, "fps": None, "max_frames": None},
     }
 

@@ -1,19 +1,23 @@
 """bf16 vs fp32 on this CPU (issue #14): does bf16 keep a real ViT's features, and is it faster here?
 
 Accuracy, with a real trained ViT (a Hugging Face `ViTModel` checkpoint, e.g. the ViT-Ti/16 in
-``../shared/models/``; `ClipEncoder` loads CLIP checkpoints only, so the tower runs here directly) on real
-frames: ``--frames`` uniform frames of each clip in ``tests/data/videos`` that decodes (the job's PyAV
-reader), resized (shortest side) and centre-cropped to the model's input size and normalised with the
-model's mean/std (its ``preprocessor_config.json`` when present, else 0.5/0.5, as its README states).
-The model is loaded in float32, bfloat16 and float16 (``from_pretrained(dtype=...)``; fp16, the encoder's
-GPU default, is run on this CPU only as a yardstick for the size of the differences) and each produces
-what `ClipEncoder` produces at layer -2, computed the same way:
+``../shared/models/``) run through the job's own `operators.encode.VisionEncoder` (which loads CLIP, SigLIP,
+SigLIP 2, ViT and DINOv2 towers; the CLIP-only `ClipEncoder` it replaced no longer exists, and with it the
+copy of its computation this benchmark used to carry for ViTs) on real frames: ``--frames`` uniform frames
+of each clip in ``tests/data/videos`` that decodes (the job's PyAV reader), prepared with the tower's own
+preprocessing as the job prepares them (`operators.towers.describe_tower`: its ``preprocessor_config.json``
+when present, else its family's image-processor defaults; for the ViT-Ti, which has none, a 224-px squash
+and mean = std = 0.5, as its README states). The tower is loaded in float32, bfloat16 and float16 (fp16, the
+encoder's GPU default, is run on this CPU only as a yardstick for the size of the differences), each dtype
+as two encoders at layer -2 that differ only in their importance rule, and yields what the job hands to
+PruMerge (`VisionEncoder`'s outputs; ``tests/test_encode.py`` checks them against the model's own hidden
+states, projections and attention probabilities):
 
   * features: the hidden states that enter the last block (``hidden_states[-2]``), patch tokens only;
   * keys: that block's ``k_proj`` applied to its LayerNorm'd input, patch tokens only;
-  * CLS attention: ``softmax(q_cls·kᵀ/√C)`` with the full-width projections (the encoder's default,
-    "full_width", the published PruMerge score), CLS column dropped; the per-head mean ("head_mean")
-    is reported too.
+  * CLS attention: ``importance="cls"``, ``softmax(q_cls·kᵀ/√C)`` with the full-width projections (the
+    encoder's default for CLS towers, the published PruMerge score; "full_width" below), CLS column dropped;
+    the per-head mean, ``importance="cls_head_mean"`` ("head_mean"), is reported too.
 
 Printed, bf16 and fp16 against fp32: per-token cosine similarity of features and of keys (min, 0.1 %
 quantile, median over all patch tokens of all frames, and how many tokens fall below ``--tolerance``;
@@ -25,9 +29,9 @@ the kept patch positions per frame (mean, min, frames with the identical set).
 Speed: wall time of a forward pass at batch ``--batch`` (default 8) with ``--threads`` torch threads
 (default 2), per frame, fp32 vs bf16 (median and min of ``--repeats`` rounds after a warm-up, the two
 dtypes alternating within each round so that other load on the machine falls on both alike), for
-(a) the real ViT run as above and (b) a random-weight CLIP vision tower of ViT-B width and depth on a
-336-px, 14-px-patch grid (``towers.py``'s "vit-b14", 576 patches) run through `ClipEncoder` itself
-(layer -2, batch of random pixels).
+(a) the real ViT's ``importance="cls"`` encoder above (the job's default for it) and (b) a random-weight
+CLIP vision tower of ViT-B width and depth on a 336-px, 14-px-patch grid (``towers.py``'s "vit-b14",
+576 patches) through `VisionEncoder` too (layer -2, its default ``cls`` rule, batch of random pixels).
 
     python benchmarks/bench_cpu_dtype.py --model ../shared/models/vit-tiny-patch16-224
     python benchmarks/bench_cpu_dtype.py --model DIR --frames 4 --repeats 9
@@ -36,8 +40,6 @@ dtypes alternating within each round so that other load on the machine falls on 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import statistics
 import sys
 import tempfile
@@ -48,22 +50,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from einops import rearrange
-from transformers import ViTModel
-from transformers.utils import logging as hf_logging
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from operators.decode import DecodedFrame, MediaError, VideoReader  # noqa: E402
-from operators.encode import ClipEncoder  # noqa: E402
+from operators.encode import VisionEncoder  # noqa: E402
 from operators.preprocess import Preprocessing  # noqa: E402
+from operators.towers import PROCESSOR_CONFIG, describe_tower  # noqa: E402
 from operators.prumerge import EXTRA_TOKEN_POSITION, prumerge  # noqa: E402
 from operators.sampling import uniform_indices  # noqa: E402
 from towers import save_tower  # noqa: E402
 
 VIDEOS = ROOT / "tests" / "data" / "videos"
 CPU_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile")
+RULES = ("cls", "cls_head_mean")  # the two CLS importance rules compared: full width (the default), head mean
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,8 @@ class Outputs:
 
     features: torch.Tensor  # [F, N, C]
     keys: torch.Tensor  # [F, N, C]
-    cls_full: torch.Tensor  # [F, N] full-width CLS attention (the encoder's default)
-    cls_heads: torch.Tensor  # [F, N] CLS attention averaged over heads
+    cls_full: torch.Tensor  # [F, N] full-width CLS attention (importance="cls", the encoder's default)
+    cls_heads: torch.Tensor  # [F, N] CLS attention averaged over heads (importance="cls_head_mean")
 
 
 def cpu_flags() -> dict[str, bool]:
@@ -83,15 +84,6 @@ def cpu_flags() -> dict[str, bool]:
     except OSError:
         words = set()
     return {flag: flag in words for flag in CPU_FLAGS}
-
-
-def normalisation(model_dir: Path) -> tuple[tuple[float, float, float], tuple[float, float, float], str]:
-    """(mean, std, source): from the model's preprocessor_config.json, else the ViT-Ti README's 0.5/0.5."""
-    config = model_dir / "preprocessor_config.json"
-    if config.is_file():
-        values = json.loads(config.read_text())
-        return tuple(values["image_mean"]), tuple(values["image_std"]), config.name
-    return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "0.5/0.5 (no preprocessor_config.json; the model's README)"
 
 
 def real_frames(prep: Preprocessing, frames_per_clip: int) -> tuple[torch.Tensor, list[str]]:
@@ -112,54 +104,19 @@ def real_frames(prep: Preprocessing, frames_per_clip: int) -> tuple[torch.Tensor
     return torch.cat(batches), labels
 
 
-def load_vit(model_dir: Path, dtype: torch.dtype) -> ViTModel:
-    """The checkpoint as a `ViTModel` in ``dtype``; refuses one with missing or reshaped weights."""
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the classifier head is left out on purpose
-    hf_logging.disable_progress_bar()
-    try:
-        model, info = ViTModel.from_pretrained(model_dir, dtype=dtype, add_pooling_layer=False,
-                                               output_loading_info=True)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    if info["missing_keys"] or info["mismatched_keys"]:
-        absent = info["missing_keys"] + [str(key) for key in info["mismatched_keys"]]
-        raise ValueError(f"{model_dir} is not a complete ViT checkpoint: {absent}")
-    return model.eval()
+def load_encoders(model_dir: Path, dtype: torch.dtype) -> dict[str, VisionEncoder]:
+    """The checkpoint as one `VisionEncoder` (layer -2, CPU, ``dtype``) per rule of `RULES`."""
+    return {rule: VisionEncoder(str(model_dir), device="cpu", dtype=dtype, importance=rule) for rule in RULES}
 
 
-@torch.inference_mode()
-def encode_vit(model: ViTModel, pixels: torch.Tensor) -> Outputs:
-    """`ClipEncoder.__call__` for a `ViTModel` at layer -2: the states entering the last block, its keys and
-    its CLS query's attention (q/k in the model's dtype, the softmax in float32, as the encoder does)."""
-    hidden = model.embeddings(pixels.to(model.dtype))  # [B, 1+N, C]
-    blocks = model.layers  # transformers 5 (4.x: model.encoder.layer)
-    for block in blocks[:-1]:
-        hidden = block(hidden)
-    scoring = blocks[-1]
-    normed = scoring.layernorm_before(hidden)
-    query = scoring.attention.q_proj(normed[:, :1]).float()  # [B, 1, C]
-    keys = scoring.attention.k_proj(normed)  # [B, 1+N, C]
-    keys_f = keys.float()
-    full = (torch.einsum("bqc,bnc->bn", query, keys_f) / math.sqrt(keys.shape[-1])).softmax(dim=-1)
-    heads = model.config.num_attention_heads
-    heads_q = rearrange(query, "b 1 (h d) -> b h d", h=heads)
-    heads_k = rearrange(keys_f, "b n (h d) -> b h n d", h=heads)
-    per_head = (torch.einsum("bhd,bhnd->bhn", heads_q, heads_k) / math.sqrt(heads_q.shape[-1])).softmax(dim=-1)
-    return Outputs(hidden[:, 1:].float(), keys_f[:, 1:], full[:, 1:], per_head.mean(dim=1)[:, 1:])
-
-
-def encode_all(model: ViTModel, pixels: torch.Tensor, batch: int) -> Outputs:
-    """`encode_vit` over ``pixels`` in batches of ``batch``, concatenated."""
-    parts = [encode_vit(model, pixels[i : i + batch]) for i in range(0, len(pixels), batch)]
+def encode_all(encoders: dict[str, VisionEncoder], pixels: torch.Tensor, batch: int) -> Outputs:
+    """Both encoders over ``pixels`` in batches of ``batch``: features and keys of the ``cls`` one (the two
+    share them), each one's importance; concatenated, as float32."""
+    parts = []
+    for i in range(0, len(pixels), batch):
+        full, heads = (encoders[rule](pixels[i : i + batch]) for rule in RULES)
+        parts.append(Outputs(full.features.float(), full.keys.float(), full.importance, heads.importance))
     return Outputs(*(torch.cat([getattr(p, name) for p in parts]) for name in Outputs.__dataclass_fields__))
-
-
-def check_against_hidden_states(model: ViTModel, pixels: torch.Tensor, features: torch.Tensor) -> float:
-    """Max |difference| between `encode_vit`'s features and ``model(...).hidden_states[-2]`` (float32 run)."""
-    with torch.inference_mode():
-        reference = model(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
-    return float((reference - features).abs().max())
 
 
 def token_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -244,23 +201,22 @@ def main() -> None:
     print(f"torch {torch.__version__}, cpu capability {torch.backends.cpu.get_cpu_capability()}, threads "
           f"{torch.get_num_threads()}; /proc/cpuinfo: {flags}")
 
-    models = {name: load_vit(args.model, dtype)
-              for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16))}
-    config = models["fp32"].config
-    mean, std, source = normalisation(args.model)
-    prep = Preprocessing(mode="crop", image_size=config.image_size, mean=mean, std=std)
+    encoders = {name: load_encoders(args.model, dtype)
+                for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16))}
+    tower = describe_tower(str(args.model))
+    prep = tower.preprocessing
+    source = (PROCESSOR_CONFIG if (args.model / PROCESSOR_CONFIG).is_file()
+              else f"the {tower.family} image processor's defaults (no {PROCESSOR_CONFIG})")
     pixels, labels = real_frames(prep, args.frames)
     clips = sorted({label.split("#")[0] for label in labels})
-    print(f"model {args.model} ({config.num_hidden_layers} blocks, width {config.hidden_size}, "
-          f"{config.num_attention_heads} heads, {(config.image_size // config.patch_size) ** 2} patches); "
-          f"mean/std {mean}/{std} from {source}")
+    print(f"model {args.model} ({tower.num_layers} blocks, width {tower.hidden_size}, {tower.num_heads} heads, "
+          f"{tower.grid_size ** 2} patches); {prep.mode} {prep.image_size} px, mean/std {prep.mean}/{prep.std} "
+          f"from {source}")
     print(f"frames {len(pixels)} from {len(clips)} clips: "
           + " ".join(f"{c}:{sum(label.startswith(c + '#') for label in labels)}" for c in clips))
 
-    outputs = {name: encode_all(model, pixels, args.batch) for name, model in models.items()}
+    outputs = {name: encode_all(pair, pixels, args.batch) for name, pair in encoders.items()}
     ref = outputs.pop("fp32")
-    print(f"check: encode_vit features vs hidden_states[-2], fp32, max |diff| = "
-          f"{check_against_hidden_states(models['fp32'], pixels[: args.batch], ref.features[: args.batch]):.2e}")
     print("fp16 (the GPU default dtype) is run on this CPU as a reference for the size of the difference, not timed")
 
     print(f"\naccuracy vs fp32, {len(pixels)} frames, {ref.features.shape[0] * ref.features.shape[1]} patch tokens")
@@ -306,15 +262,15 @@ def main() -> None:
         row(name, *(f"{1e3 * v / args.batch:.1f}" for v in (med["fp32"], med["bf16"], best["fp32"], best["bf16"])),
             f"{speedups[key]:.2f}x")
 
-    report("vit", f"real ViT ({config.num_hidden_layers} blocks, {config.image_size} px)", interleaved_seconds(
-        {dtype: (lambda m=models[dtype]: encode_vit(m, batch)) for dtype in ("fp32", "bf16")}, args.repeats))
-    del models
+    report("vit", f"real ViT ({tower.num_layers} blocks, {tower.image_size} px)", interleaved_seconds(
+        {dtype: (lambda e=encoders[dtype]["cls"]: e(batch)) for dtype in ("fp32", "bf16")}, args.repeats))
+    del encoders
     with tempfile.TemporaryDirectory() as directory, torch.inference_mode():
         save_tower(directory, "vit-b14")
         tower_pixels = torch.randn(args.batch, 3, 336, 336, generator=torch.Generator().manual_seed(0))
-        encoders = {"fp32": ClipEncoder(directory, device="cpu", dtype=torch.float32),
-                    "bf16": ClipEncoder(directory, device="cpu", dtype=torch.bfloat16)}
-        report("vitb", "ViT-B/14-336 CLIP tower, random (ClipEncoder)", interleaved_seconds(
+        encoders = {"fp32": VisionEncoder(directory, device="cpu", dtype=torch.float32),
+                    "bf16": VisionEncoder(directory, device="cpu", dtype=torch.bfloat16)}
+        report("vitb", "ViT-B/14-336 CLIP tower, random (VisionEncoder)", interleaved_seconds(
             {dtype: (lambda e=encoder: e(tower_pixels)) for dtype, encoder in encoders.items()}, args.repeats))
     print(f"  load average after: {Path('/proc/loadavg').read_text().split()[0]}")
 

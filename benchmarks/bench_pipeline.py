@@ -2,7 +2,7 @@
 
 Throughput (one process, one embedded Ray, measured side by side):
   * encoder alone: the same frames, already decoded and preprocessed in memory, through
-    `ClipEncoder` + `prumerge` (pinned host memory and non-blocking copies on CUDA, as in the job),
+    `VisionEncoder` + `prumerge` (pinned host memory and non-blocking copies on CUDA, as in the job),
     at each of ``--batch-sizes``; the fastest batch size is the one the job then uses;
   * the job: `pipeline.run` on the same videos (decode, encode, reduce, write), Ray already started.
   Printed: frames/s of each and their ratio (targets: >= 0.8 on the 2-core CPU machine, >= 0.85 on
@@ -39,8 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from operators.decode import DecodedFrame, VideoReader  # noqa: E402
-from operators.encode import ClipEncoder  # noqa: E402
-from operators.preprocess import Preprocessing  # noqa: E402
+from operators.encode import VisionEncoder  # noqa: E402
+from operators.towers import describe_tower  # noqa: E402
 from operators.prumerge import prumerge  # noqa: E402
 from operators.sampling import FrameSampling, sample_frame_indices  # noqa: E402
 from pipeline.config import EncodeConfig  # noqa: E402
@@ -71,8 +71,8 @@ def loop_clip(source: Path, target: Path, seconds: float) -> Path:
 
 
 def encoder_alone(videos: list[Path], model: Path, config: EncodeConfig, batch_sizes: list[int]) -> dict[int, float]:
-    """Batch size → frames/s of ClipEncoder + prumerge on the job's frames, decoded beforehand."""
-    preprocessing = Preprocessing(mode=config.preprocess)
+    """Batch size → frames/s of VisionEncoder + prumerge on the job's frames, decoded beforehand."""
+    preprocessing = config.preprocessing(describe_tower(str(model)))
     frames = []
     for path in videos:
         with VideoReader(str(path)) as reader:
@@ -81,7 +81,7 @@ def encoder_alone(videos: list[Path], model: Path, config: EncodeConfig, batch_s
         frames.append(preprocessing.square(np.stack(decoded)))
     pixels = torch.cat(frames)
     torch.set_num_threads(os.cpu_count())
-    encoder = ClipEncoder(str(model), device=config.device, dtype=getattr(torch, config.dtype) if config.dtype else None)
+    encoder = VisionEncoder(str(model), device=config.device, dtype=getattr(torch, config.dtype) if config.dtype else None)
     cuda = encoder.device.type == "cuda"
     if cuda:
         pixels = pixels.pin_memory()
@@ -93,7 +93,7 @@ def encoder_alone(videos: list[Path], model: Path, config: EncodeConfig, batch_s
         start = time.perf_counter()
         for batch in pixels.split(batch_size):
             out = encoder(preprocessing.normalize(batch.to(encoder.device, non_blocking=True)))
-            reduced = prumerge(out.features, out.keys, out.cls_attn, mode=config.method)
+            reduced = prumerge(out.features, out.keys, out.importance, mode=config.method)
             torch.cat(reduced.tokens).cpu()  # the job copies the kept tokens back too
         fps[batch_size] = len(pixels) / (time.perf_counter() - start)
     return fps

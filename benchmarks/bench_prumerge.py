@@ -4,7 +4,7 @@ Prints, measured side by side in one run:
   * per-frame time of `operators.prumerge.prumerge` at batch B (default 16) on 576x1024 inputs,
   * per-frame time of a loop structured like LLaVA-PruMerge's published merge (one cosine row and one
     top-k per kept token) on the same inputs and the same kept sets, and the speed-up,
-  * the operator's time as a fraction of a ViT-L/14-336 forward (random weights, `ClipEncoder`,
+  * the operator's time as a fraction of a ViT-L/14-336 forward (random weights, `VisionEncoder`,
     layer -2) on the same batch.
 
     python benchmarks/bench_prumerge.py                 # CPU, batch 16
@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from operators.encode import ClipEncoder
+from operators.encode import VisionEncoder
 from operators.prumerge import prumerge, select_tokens
 from towers import save_tower
 
@@ -107,7 +107,7 @@ def main() -> None:
     if args.skip_encoder:
         return
     with tempfile.TemporaryDirectory() as model_dir:
-        encoder = ClipEncoder(str(save_tower(model_dir, "vit-l")), device=device, dtype=dtype)
+        encoder = VisionEncoder(str(save_tower(model_dir, "vit-l")), device=device, dtype=dtype)
     pixels = torch.randn(args.batch, 3, 336, 336)
     encode = median_seconds(lambda: encoder(pixels), device, max(1, args.repeats // 2))
     print(f"ViT-L/14-336 forward (layer -2, one pass) {1e3 * encode / args.batch:8.1f} ms/frame at batch {args.batch}")

@@ -51,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hd_clips import make_clip  # noqa: E402
 from operators.frames import FrameRequest, frame_rows  # noqa: E402
+from operators.preprocess import Preprocessing  # noqa: E402
 from operators.prumerge import ReducedFrames  # noqa: E402
 from operators.sampling import FrameSampling  # noqa: E402
 from pipeline.config import EncodeConfig  # noqa: E402
@@ -65,7 +66,8 @@ STATS_ENV = "BENCH_STANDIN_STATS"  # the file where each stand-in call appends "
 class GpuClassStandIn(EncodeTokens):
     """`EncodeTokens` whose device work costs ``--ms-per-view`` of sleep per view (see the module docstring)."""
 
-    def __init__(self, config: EncodeConfig, threads: int | None = None) -> None:  # no tower: the host side only
+    def __init__(self, config: EncodeConfig, preprocessing: Preprocessing,
+                 threads: int | None = None) -> None:  # no tower: the host side only
         self.config = config
         self.schema = encoded_schema(shard_schema(HIDDEN))
         self.seconds_per_view = float(os.environ.get("BENCH_STANDIN_MS_PER_VIEW", "1.0")) / 1000
