@@ -75,6 +75,7 @@ def run_metadata(frames: int) -> dict:
         "layer": -2,
         "hidden_size": HIDDEN,
         "patch_grid": [24, 24],
+        "patch_size": 14,
         "method": "prumerge",
         "method_params": {"budget": None, "k_neighbors": 32, "importance": "cls"},
         "preprocessing": {**Preprocessing().to_metadata(), "anyres": False, "pinpoints": None},

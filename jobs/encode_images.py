@@ -1,4 +1,4 @@
-"""Encode images (JPEG/PNG/WebP; AnyRes tiles by default) into PruMerge-reduced CLIP token shards (Parquet)."""
+"""Encode images (JPEG/PNG/WebP; AnyRes tiles by default) into PruMerge-reduced vision-token shards (Parquet)."""
 
 import sys
 

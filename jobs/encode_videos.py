@@ -1,4 +1,4 @@
-"""Encode videos into PruMerge-reduced CLIP token shards (Parquet). See README.md for every flag."""
+"""Encode videos into PruMerge-reduced vision-token shards (Parquet). See README.md for every flag."""
 
 import sys
 

@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from operators.checkpoint import load_local_first
-from operators.towers import Importance, check_importance, default_importance, load_tower, tower_family
+from operators.towers import (Importance, check_importance, default_importance, has_probe, load_tower, resolve_layer,
+                              tower_family)
 
 DEFAULT_MODEL = "openai/clip-vit-large-patch14-336"
 
@@ -95,19 +96,11 @@ class VisionEncoder:
         self.revision = revision
         self.family = tower_family(model_name_or_path, revision)
         config = load_local_first(self.family.config_class.from_pretrained, model_name_or_path, revision)
-        has_probe = self.family.has_probe(config)
-        self.importance = importance or default_importance(self.family.cls_token, has_probe)
-        check_importance(self.importance, self.family.name, self.family.cls_token, has_probe)
+        probe = has_probe(self.family, config, model_name_or_path, revision)
+        self.importance = importance or default_importance(self.family.cls_token, probe)
+        check_importance(self.importance, self.family.name, self.family.cls_token, probe)
 
-        num_layers = config.num_hidden_layers
-        # hidden_states has num_layers + 1 entries; entry L is the output of blocks[:L].
-        resolved = layer + num_layers + 1 if layer < 0 else layer
-        if not 0 <= resolved < num_layers:
-            raise ValueError(
-                f"layer={layer} must select hidden states 0..{num_layers - 1} (or -{num_layers + 1}..-2) of "
-                f"this {num_layers}-block tower: the block after it provides the keys and the attention"
-            )
-        self.layer = resolved
+        self.layer = resolved = resolve_layer(layer, config.num_hidden_layers)
         # blocks[:L] to run plus block L for its norm and projections; later blocks are never used.
         model = load_tower(model_name_or_path, self.family, self.dtype, revision, keep_blocks=resolved + 1,
                            probe=self.importance == "probe")

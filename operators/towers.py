@@ -23,15 +23,19 @@ import json
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
 from einops import rearrange
+from huggingface_hub import _CACHED_NO_EXIST, hf_hub_download, try_to_load_from_cache
+from huggingface_hub.errors import HFValidationError, RemoteEntryNotFoundError
+from safetensors import safe_open
 from torch import nn
 from transformers import (CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model, PretrainedConfig,
                           PreTrainedModel, Siglip2VisionConfig, Siglip2VisionModel, SiglipVisionConfig,
                           SiglipVisionModel, ViTConfig, ViTModel)
-from transformers.utils import CONFIG_NAME, cached_file
+from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
 from transformers.utils import logging as hf_logging
 
 from operators.checkpoint import ModelUnavailableError, is_local_directory, load_local_first, load_pinned
@@ -238,6 +242,19 @@ class TowerInfo:
         check_importance(rule, self.family, self.cls_token, self.has_probe)
 
 
+def resolve_layer(layer: int, num_layers: int) -> int:
+    """``layer`` (an index into ``output_hidden_states``: 0 the embeddings, -1 the last block's output) as the
+    number of blocks run before it, ``0 <= L < num_layers``: block L, which scores the states, must exist.
+
+    Raises ValueError naming ``--layer`` when it does not select such states."""
+    # hidden_states has num_layers + 1 entries; entry L is the output of blocks[:L].
+    resolved = layer + num_layers + 1 if layer < 0 else layer
+    if not 0 <= resolved < num_layers:
+        raise ValueError(f"--layer {layer}: it must select hidden states 0..{num_layers - 1} (or -{num_layers + 1}..-2) "
+                         f"of this {num_layers}-block tower: the block after it provides the keys and the attention")
+    return resolved
+
+
 def importance_rules(cls_token: bool, has_probe: bool) -> tuple[str, ...]:
     """The `IMPORTANCE_RULES` a tower can compute: the CLS rules need a CLS token, ``probe`` SigLIP's head."""
     return tuple(rule for rule in IMPORTANCE_RULES if (cls_token if rule.startswith("cls") else
@@ -300,12 +317,7 @@ def describe_tower(model_name_or_path: str, revision: str | None = None) -> Towe
     """
     family = tower_family(model_name_or_path, revision)
     config = load_pinned(family.config_class.from_pretrained, model_name_or_path, revision)
-    processor_file = load_local_first(cached_file, model_name_or_path, revision, filename=PROCESSOR_CONFIG,
-                                      _raise_exceptions_for_missing_entries=False)
-    processor = None
-    if processor_file is not None:
-        with open(processor_file) as handle:
-            processor = json.load(handle)
+    processor = processor_config(model_name_or_path, revision)
     return TowerInfo(
         family=family.name,
         hidden_size=config.hidden_size,
@@ -313,9 +325,70 @@ def describe_tower(model_name_or_path: str, revision: str | None = None) -> Towe
         num_heads=config.num_attention_heads,
         patch_size=config.patch_size,
         cls_token=family.cls_token,
-        has_probe=family.has_probe(config),
+        has_probe=has_probe(family, config, model_name_or_path, revision),
         preprocessing=checkpoint_preprocessing(family, config, processor, model_name_or_path),
     )
+
+
+def processor_config(model_name_or_path: str, revision: str | None = None) -> dict | None:
+    """The checkpoint's ``preprocessor_config.json`` as a dict; None when it has none.
+
+    A hub id's file comes from the hub cache, else from the hub (``from_pretrained`` caches only the config and
+    weights, so the processor's file is often not there).
+
+    Raises:
+        ModelUnavailableError: a hub id whose file is neither cached (nor known to be absent) nor downloadable:
+            the family's defaults could normalise differently from the checkpoint's own (DINOv2's ImageNet
+            mean/std), so the run does not guess.
+    """
+    if is_local_directory(model_name_or_path, revision):
+        path = Path(model_name_or_path) / PROCESSOR_CONFIG
+        return json.loads(path.read_text()) if path.is_file() else None
+    cached = try_to_load_from_cache(model_name_or_path, PROCESSOR_CONFIG, revision=revision)
+    if cached is _CACHED_NO_EXIST:
+        return None
+    if cached is None:
+        try:
+            cached = hf_hub_download(model_name_or_path, PROCESSOR_CONFIG, revision=revision)
+        except RemoteEntryNotFoundError:  # the repository has none (the hub said so; the cache now records it)
+            return None
+        except (OSError, HFValidationError) as error:
+            raise ModelUnavailableError(
+                f"{model_name_or_path!r}: its {PROCESSOR_CONFIG} (the image size, resize rule and mean/std its "
+                f"frames need) is not in this machine's Hugging Face cache and cannot be downloaded ({error}). "
+                f"Download it (e.g. `hf download {model_name_or_path} {PROCESSOR_CONFIG}`), or pass --model PATH "
+                "with a local copy of the checkpoint.") from error
+    return json.loads(Path(cached).read_text())
+
+
+def has_probe(family: type[Family], config: PretrainedConfig, model_name_or_path: str,
+              revision: str | None = None) -> bool:
+    """Whether the tower has SigLIP's attention-pooling head: its config says so and, when its weights are
+    safetensors already here (names read from the header or the shard index, not the weights), they hold the
+    head's probe (LLaVA-OneVision's tower is saved without it)."""
+    if not family.has_probe(config):
+        return False
+    names = _local_weight_names(model_name_or_path, revision)
+    return names is None or any(name.endswith("head.probe") for name in names)
+
+
+def _local_weight_names(model_name_or_path: str, revision: str | None) -> set[str] | None:
+    """The weight names of a checkpoint's safetensors found locally (None: not here, or not safetensors)."""
+    if is_local_directory(model_name_or_path, revision):
+        revision = None
+    for name in (SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME):
+        try:
+            path = cached_file(model_name_or_path, name, revision=revision, local_files_only=True,
+                               _raise_exceptions_for_missing_entries=False)
+        except (OSError, HFValidationError):
+            return None
+        if path is None:
+            continue
+        if name == SAFE_WEIGHTS_INDEX_NAME:
+            return set(json.loads(Path(path).read_text())["weight_map"])
+        with safe_open(path, "pt") as weights:
+            return set(weights.keys())
+    return None
 
 
 def checkpoint_preprocessing(family: type[Family], config: PretrainedConfig, processor: dict | None,
@@ -340,15 +413,22 @@ def checkpoint_preprocessing(family: type[Family], config: PretrainedConfig, pro
         if "shortest_edge" not in size or crop.get("height") is None or crop["height"] != crop.get("width"):
             raise _unsupported(model_name_or_path, settings)
         mode, resize, processed = "crop", size["shortest_edge"], crop["height"]
-    elif size.get("height") == size.get("width"):  # both None for a NaFlex processor: the tower's grid decides
-        mode, resize, processed = "squash", None, size.get("height")
-    else:
+    elif family is Siglip2Family:  # NaFlex processors have no fixed size: the tower's grid decides
+        mode, resize, processed = "squash", None, None
+    elif size.get("height") is not None and size["height"] == size.get("width"):
+        mode, resize, processed = "squash", None, size["height"]
+    else:  # a shortest or longest side kept without a crop: no square input
         raise _unsupported(model_name_or_path, settings)
     if processor is None and family.fixed_size:  # the defaults' sizes are the processor class's, not this tower's
         processed = resize = None
     image_size = family.input_size(config, processed, model_name_or_path)  # SigLIP so400m: 384 px, 27 patches of 14
     return Preprocessing(mode=mode, image_size=image_size, resize_size=resize if mode == "crop" else None,
-                         mean=tuple(settings["image_mean"]), std=tuple(settings["image_std"]))
+                         mean=_per_channel(settings["image_mean"]), std=_per_channel(settings["image_std"]))
+
+
+def _per_channel(value) -> tuple[float, float, float]:
+    """A processor's ``image_mean`` / ``image_std``: three values, or one for all channels."""
+    return (float(value),) * 3 if isinstance(value, (int, float)) else tuple(float(v) for v in value)
 
 
 def _side(size) -> dict:

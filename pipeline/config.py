@@ -13,7 +13,7 @@ from operators.images import DEFAULT_MAX_PIXELS
 from operators.preprocess import RESIZE_MODES, Preprocessing
 from operators.sampling import FrameSampling
 from operators.tiles import default_pinpoints
-from operators.towers import IMPORTANCE_RULES, TowerInfo
+from operators.towers import IMPORTANCE_RULES, TowerInfo, resolve_layer
 from pipeline.runlog import LEVELS
 
 
@@ -52,10 +52,10 @@ class EncodeConfig:
     budget: int | None = _flag("tokens kept per frame/tile with --method fixed (plus one merged extra token)")
     k_neighbors: int = _flag("neighbours (by key cosine similarity) merged into each kept token", 32)
     importance: Literal["cls", "cls_head_mean", "probe", "mean_received"] | None = _flag(
-        "patch importance, from the block after --layer: 'cls' the CLS query's full-width attention (PruMerge's); "
-        "'cls_head_mean' its per-head attention, averaged; 'probe' SigLIP's pooling-head query's attention; "
-        "'mean_received' the attention each patch receives from all queries (default: cls for towers with a CLS "
-        "token, probe for SigLIP)", choices=IMPORTANCE_RULES)
+        "patch importance: 'cls' the CLS query's full-width attention in the block after --layer (PruMerge's); "
+        "'cls_head_mean' its per-head attention, averaged; 'probe' SigLIP's pooling-head query's attention over "
+        "the --layer states after the final norm; 'mean_received' the attention each patch receives from all "
+        "queries in the block after --layer (default: cls for towers with a CLS token, probe for SigLIP)", choices=IMPORTANCE_RULES)
     preprocess: Literal["crop", "squash", "pad"] | None = _flag(
         "'crop': shortest side, centre crop (CLIP's processor); 'squash': resize to the square input (SigLIP's, "
         "ViT's); 'pad': LLaVA pad-to-square (default: the checkpoint's own image processor's rule)",
@@ -124,8 +124,9 @@ class EncodeConfig:
         checked against what the tower can serve.
 
         Raises:
-            ValueError: naming the flag: an importance rule the tower cannot compute, AnyRes pinpoints that are
-                not whole multiples of its input size, or a fixed budget above its patches per view.
+            ValueError: naming the flag: a layer the tower does not have (or its last), an importance rule it
+                cannot compute, AnyRes pinpoints that are not whole multiples of its input size, or a fixed budget
+                above its patches per view.
         """
         size = tower.image_size
         resolved = dataclasses.replace(
@@ -133,6 +134,7 @@ class EncodeConfig:
             importance=self.importance or tower.default_importance,
             preprocess=self.preprocess or tower.preprocessing.mode,
             pinpoints=self.pinpoints or ",".join(f"{w}x{h}" for w, h in default_pinpoints(size)))
+        resolve_layer(self.layer, tower.num_layers)
         tower.check_importance(resolved.importance)
         if self.anyres:
             bad = [f"{w}x{h}" for w, h in resolved.pinpoint_list() if w % size or h % size]

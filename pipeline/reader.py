@@ -16,6 +16,7 @@ still an output: it opens with no videos and no run metadata, and ``errors()`` s
 from __future__ import annotations
 
 import bisect
+import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -49,7 +50,7 @@ class View:
     tile_index: int
     tokens: torch.Tensor  # [n, C] float16
     positions: torch.Tensor  # [n] int16: row-major patch index; -1 for the merged extra token
-    scores: torch.Tensor  # [n] float32: CLS-attention importance
+    scores: torch.Tensor  # [n] float32: importance (the rule in the metadata's method_params)
 
     @property
     def num_tokens(self) -> int:
@@ -275,14 +276,14 @@ class TokenReader:
             raise ShardFormatError(_version_message(index.files[0], version))
         groups: dict[str, list[str]] = {}
         for path, metadata in index.metadata_by_file.items():
-            groups.setdefault(repr(sorted(metadata.items())), []).append(path)
+            groups.setdefault(json.dumps(metadata, sort_keys=True), []).append(path)  # nested dicts in any order
         if len(groups) > 1:
             lines = [f"  {len(paths)} index file(s) like {paths[0]}:\n    "
                      f"{_describe(index.metadata_by_file[paths[0]])}" for paths in groups.values()]
             raise MixedShardsError(
-                f"{self.out_dir} mixes shards made with different settings; tokens from different models, "
-                "revisions, layers or methods must not be mixed in one dataset:\n" + "\n".join(lines) +
-                "\nKeep each run in its own output directory.")
+                f"{self.out_dir} mixes shards made with different settings; tokens from different models, towers, "
+                "revisions, layers, methods or importance rules must not be mixed in one dataset:\n"
+                + "\n".join(lines) + "\nKeep each run in its own output directory.")
         return index
 
     def _has_run_record(self) -> bool:
@@ -387,5 +388,5 @@ def _views(table: pa.Table, hidden_size: int) -> list[View]:
 
 
 def _describe(metadata: dict) -> str:
-    keys = ("model", "layer", "method", "method_params", "preprocessing", "hidden_size")
+    keys = ("model", "tower", "layer", "method", "method_params", "preprocessing", "hidden_size")
     return ", ".join(f"{k}={metadata.get(k)!r}" for k in keys)

@@ -26,11 +26,12 @@ PRUNED_SHADE = (0.35, 0.40, 0.60)  # RGB factors for pruned patches (a dark blue
 KEPT_OUTLINE = (255, 220, 0)
 
 
-def highlight(view: np.ndarray, positions: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    """``view [S, S, 3]`` uint8 with the patches in ``positions`` outlined and every other patch shaded. Pixels
-    past the last whole patch (SigLIP so400m: 384 px = 27 patches of 14 + 6 px the tower never sees) are shaded."""
+def highlight(view: np.ndarray, positions: np.ndarray, grid: tuple[int, int], patch: int | None = None) -> np.ndarray:
+    """``view [S, S, 3]`` uint8 with the patches (``patch`` px square; default ``S // grid``) in ``positions``
+    outlined and every other patch shaded. Pixels past the last whole patch (SigLIP so400m: 384 px = 27 patches
+    of 14 + 6 px the tower never sees) are shaded."""
     rows, cols = grid
-    patch_h, patch_w = view.shape[0] // rows, view.shape[1] // cols
+    patch_h, patch_w = (patch, patch) if patch else (view.shape[0] // rows, view.shape[1] // cols)
     kept = np.zeros(rows * cols, dtype=bool)
     kept[positions[positions >= 0]] = True
     kept = repeat(kept.reshape(rows, cols), "gh gw -> (gh ph) (gw pw)", ph=patch_h, pw=patch_w)
@@ -60,12 +61,13 @@ def source_views(video: VideoTokens, metadata: dict) -> list[np.ndarray]:
     return [row["pixels"] for row in frames]
 
 
-def frame_cell(frame: Frame, views: np.ndarray, grid: tuple[int, int], panel: int) -> Image.Image:
+def frame_cell(frame: Frame, views: np.ndarray, grid: tuple[int, int], patch: int, panel: int) -> Image.Image:
     """The global view (``panel`` px square) and, when tiled, the tiles stitched on their grid."""
-    cell = Image.fromarray(highlight(views[0], frame.positions.numpy(), grid)).resize((panel, panel), Image.BICUBIC)
+    cell = Image.fromarray(highlight(views[0], frame.positions.numpy(), grid, patch)).resize((panel, panel),
+                                                                                            Image.BICUBIC)
     if not frame.tiles:
         return cell
-    tiles = np.stack([highlight(v, t.positions.numpy(), grid) for v, t in zip(views[1:], frame.tiles)])
+    tiles = np.stack([highlight(v, t.positions.numpy(), grid, patch) for v, t in zip(views[1:], frame.tiles)])
     stitched = rearrange(tiles, "(r c) h w ch -> (r h) (c w) ch", r=frame.grid_rows, c=frame.grid_cols)
     width = round(panel * frame.grid_cols / frame.grid_rows)
     both = Image.new("RGB", (panel + GAP + width, panel), "white")
@@ -104,8 +106,9 @@ def render_video(reader: TokenReader, video_id: str, path: str, max_frames: int 
     """Write the PNG for ``video_id`` to ``path`` (up to ``max_frames`` frames, uniformly) and return it."""
     video = reader.load(video_id)
     shown = select_frames(video, max_frames)
-    grid = tuple(reader.metadata["patch_grid"])
-    cells = [frame_cell(frame, views, grid, panel) for frame, views in zip(shown.frames, source_views(shown, reader.metadata))]
+    grid, patch = tuple(reader.metadata["patch_grid"]), reader.metadata["patch_size"]
+    cells = [frame_cell(frame, views, grid, patch, panel)
+             for frame, views in zip(shown.frames, source_views(shown, reader.metadata))]
     columns = min(COLUMNS, len(cells))
     rows = -(-len(cells) // columns)
     cell_width = max(cell.width for cell in cells)

@@ -94,6 +94,7 @@ def run_metadata(config: EncodeConfig, tower: TowerInfo, preprocessing: Preproce
         "layer": config.layer,
         "hidden_size": tower.hidden_size,
         "patch_grid": [tower.grid_size, tower.grid_size],
+        "patch_size": tower.patch_size,
         "method": config.method,
         "method_params": {"budget": config.budget, "k_neighbors": config.k_neighbors, "importance": config.importance},
         "preprocessing": {

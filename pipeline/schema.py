@@ -156,8 +156,8 @@ def read_file_metadata(schema: pa.Schema) -> dict:
 
 def upgrade_metadata(metadata: dict) -> dict:
     """Run metadata written before the tower family was recorded (CLIP towers only: ``method_params`` held
-    ``cls_attention``, ``preprocessing`` no resize size or mean/std) in today's form, so such outputs stay
-    readable and resumable by a run with the same settings. Today's metadata is returned as it is."""
+    ``cls_attention``; no patch size; ``preprocessing`` no resize size or mean/std) in today's form, so such
+    outputs stay readable and resumable by a run with the same settings. Today's metadata is returned as it is."""
     if "tower" in metadata or "cls_attention" not in metadata.get("method_params", {}):
         return metadata
     params = dict(metadata["method_params"])
@@ -165,7 +165,9 @@ def upgrade_metadata(metadata: dict) -> dict:
     # what those versions always normalised with: CLIP's mean/std (written out: readers import no torch stack)
     preprocessing = {**metadata["preprocessing"], "resize_size": metadata["preprocessing"]["image_size"],
                      "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}
-    return {**metadata, "tower": "clip", "method_params": params, "preprocessing": preprocessing}
+    patch_size = metadata["preprocessing"]["image_size"] // metadata["patch_grid"][0]  # CLIP's are whole patches
+    return {**metadata, "tower": "clip", "patch_size": patch_size, "method_params": params,
+            "preprocessing": preprocessing}
 
 
 def differing_settings(existing: dict, expected: dict) -> list[str]:

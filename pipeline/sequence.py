@@ -7,7 +7,7 @@ tile's merged extra token, then an optional frame separator. The newline/separat
 language model's projector, so the sequence marks where they go (``is_separator``) with zero rows.
 
 ``order="spatial"`` (default) keeps tokens in patch raster order; ``order="score"`` reproduces the
-published PruMerge order for checkpoints trained with it: descending CLS-attention score, the
+published PruMerge order for checkpoints trained with it: descending importance score, the
 merged extra token last, tiles concatenated in grid order.
 """
 
@@ -46,7 +46,7 @@ class TokenSequence:
     frame: torch.Tensor  # [N] int32: ordinal (0..F-1) of the frame a position belongs to or closes
     tile: torch.Tensor  # [N] int16: -1 global view, 0.. AnyRes tile (separators: -1)
     position: torch.Tensor  # [N] int16: patch index within its view; -1 merged extra token or separator
-    score: torch.Tensor  # [N] float32: CLS-attention score (separators: 0)
+    score: torch.Tensor  # [N] float32: importance score (separators: 0)
     timestamps_s: torch.Tensor  # [F] float64: presentation time of each frame
     frame_index: torch.Tensor  # [F] int64: frame number in the source video
 

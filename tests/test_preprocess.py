@@ -79,6 +79,40 @@ def test_decode_sizes():
     assert dinov2.decode_size(426, 240) == (454, 256)
 
 
+@pytest.mark.parametrize("family,processor,message", [
+    ("dinov2", {"do_center_crop": False, "size": {"shortest_edge": 256}}, "not one the job reproduces"),
+    ("clip", {"do_center_crop": False, "size": {"shortest_edge": 336}}, "not one the job reproduces"),
+    ("vit", {"size": {"longest_edge": 224}}, "not one the job reproduces"),
+    ("vit", {"size": {"height": 224, "width": 448}}, "not one the job reproduces"),
+    ("clip", {"do_center_crop": True, "size": {"height": 336, "width": 336}, "crop_size": 336},
+     "not one the job reproduces"),
+    ("siglip", {"size": {"height": 224, "width": 224}}, "makes 224-px images but its position embeddings are for 384"),
+])
+def test_processor_rules_the_job_does_not_reproduce_are_refused(tower_dirs, tmp_path, family, processor, message):
+    """Never a silent square resize for a rule that keeps the aspect ratio, never a size the tower cannot take."""
+    import json
+    import shutil
+
+    folder = tmp_path / family
+    shutil.copytree(tower_dirs[family], folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor))
+    with pytest.raises(ValueError, match=message):
+        describe_tower(str(folder))
+
+
+def test_processor_values_in_their_other_forms(tower_dirs, tmp_path):
+    """One mean/std value for all channels, a legacy int size (a square resize without a crop)."""
+    import json
+    import shutil
+
+    folder = tmp_path / "vit"
+    shutil.copytree(tower_dirs["vit"], folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({"size": 224, "image_mean": 0.5, "image_std": 0.25}))
+    preprocessing = describe_tower(str(folder)).preprocessing
+    assert (preprocessing.mode, preprocessing.image_size) == ("squash", 224)
+    assert preprocessing.mean == (0.5, 0.5, 0.5) and preprocessing.std == (0.25, 0.25, 0.25)
+
+
 # Mean |difference| in normalised units: the same bicubic kernel as PIL's with uint8 rounding, except ViT's
 # processor, which resizes bilinear (the job always resizes bicubic: a departure, measured here).
 PROCESSOR_GAP = {"clip": 0.003, "siglip": 0.003, "dinov2": 0.003, "vit": 0.02}

@@ -121,3 +121,17 @@ def test_local_folder_fingerprint_follows_the_files_that_define_the_tower(tiny_c
 def test_a_folder_fingerprint_on_a_node_without_the_folder(tmp_path):
     with pytest.raises(ModelUnavailableError, match="not a directory on this node"):
         VisionEncoder(str(tmp_path / "absent"), device="cpu", revision="sha256:" + "0" * 64)
+
+
+def test_a_hub_checkpoint_whose_processor_file_is_not_cached_is_not_given_defaults(hub_cache, caplog):
+    """`from_pretrained` caches the config and weights only. Offline, a processor file neither cached nor known
+    to be absent is an error naming the file (defaults could normalise otherwise); once the cache records that
+    the repository has none, the family's defaults apply, with a warning."""
+    (hub_cache / "snapshots" / COMMIT_A / "preprocessor_config.json").unlink()
+    with pytest.raises(ModelUnavailableError, match="preprocessor_config.json.*hf download org/name"):
+        describe_tower(REPO, COMMIT_A)
+    (hub_cache / ".no_exist" / COMMIT_A).mkdir(parents=True)
+    (hub_cache / ".no_exist" / COMMIT_A / "preprocessor_config.json").touch()
+    assert describe_tower(REPO, COMMIT_A).image_size == 336
+    assert "has no preprocessor_config.json" in caplog.text
+    assert describe_tower(REPO, COMMIT_B).preprocessing.resize_size == 336  # cached: read from the cache

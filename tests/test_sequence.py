@@ -122,3 +122,13 @@ def test_highlight_keeps_kept_patches_and_shades_the_rest():
     assert np.all(out[14, 14:28] == KEPT_OUTLINE) and np.all(out[14:28, 27] == KEPT_OUTLINE)
     pruned = (image[:14, :14] * np.array(PRUNED_SHADE)).astype(np.uint8)
     assert np.array_equal(out[:14, :14], pruned)
+
+
+def test_highlight_takes_the_patch_size_when_the_view_is_not_whole_patches():
+    """64 px in 14-px patches: a 4x4 grid whose patches start every 14 px (not 64 // 4 = 16); the 8 px past the
+    last patch are never seen by the tower and are shaded."""
+    image = np.full((64, 64, 3), 200, dtype=np.uint8)
+    out = highlight(image, np.array([5, -1]), (4, 4), patch=14)  # patch 5: row 1, column 1 → pixels 14..27
+    assert np.all(out[14, 14:28] == KEPT_OUTLINE) and np.all(out[14:28, 27] == KEPT_OUTLINE)
+    assert np.array_equal(out[17:25, 17:25], image[17:25, 17:25])
+    assert np.array_equal(out[56:], (image[56:] * np.array(PRUNED_SHADE)).astype(np.uint8))

@@ -4,11 +4,13 @@ importance rule; towers never mix in one output; outputs written before towers w
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -20,7 +22,7 @@ from pipeline.config import EncodeConfig
 from pipeline.reader import TokenReader
 from pipeline.render import render_video
 from pipeline.run import RunSetupError, run, run_metadata
-from pipeline.schema import differing_settings, upgrade_metadata
+from pipeline.schema import METADATA_KEY, differing_settings, read_file_metadata, upgrade_metadata
 from pipeline.sequence import llava_sequence
 from pipeline.stages import frame_request
 from media import VIDEOS
@@ -109,6 +111,8 @@ def test_towers_never_mix_in_one_output(tmp_path, tower_dirs, ray_local):
     ("siglip", ["--anyres", "--pinpoints", "336x672"], "--pinpoints 336x672: each side must be a multiple of the "
                                                        "model's input size 384 px"),
     ("dinov2", ["--method", "fixed", "--budget", "257"], "--budget 257: the model has 256 patches per view"),
+    ("siglip", ["--layer", "-1"], "--layer -1: it must select hidden states 0..2 (or -4..-2) of this 3-block tower"),
+    ("vit", ["--layer", "3"], "--layer 3: it must select hidden states 0..2"),
 ])
 def test_settings_a_tower_cannot_serve_exit_2(tmp_path, tower_dirs, family, flags, message):
     result = subprocess.run([sys.executable, str(ROOT / "jobs" / "encode_videos.py"), "--input", str(VIDEOS),
@@ -130,3 +134,35 @@ def test_metadata_written_before_towers_were_recorded_reads_as_todays(tiny_clip_
         old["preprocessing"] = {"mode": "crop", "image_size": 336, "anyres": False, "pinpoints": None}
         assert upgrade_metadata(old) == today and differing_settings(upgrade_metadata(old), today) == []
         assert upgrade_metadata(today) is today
+
+
+def previous_version(metadata: dict) -> dict:
+    """``metadata`` (a CLIP run's, today's form) as the version before towers were recorded wrote it."""
+    old = {key: value for key, value in metadata.items() if key not in ("tower", "patch_size")}
+    rule = {"cls": "full_width", "cls_head_mean": "head_mean"}[metadata["method_params"]["importance"]]
+    old["method_params"] = {"budget": metadata["method_params"]["budget"],
+                            "k_neighbors": metadata["method_params"]["k_neighbors"], "cls_attention": rule}
+    old["preprocessing"] = {key: metadata["preprocessing"][key] for key in ("mode", "image_size", "anyres", "pinpoints")}
+    return old
+
+
+def test_an_output_of_the_previous_version_resumes_and_reads_whole(tmp_path, tiny_clip_dir, ray_local):
+    """Its index in the old form, the next run's in today's: one output, read as one (the nested settings compared
+    as values, not as the order their keys were written in)."""
+    inputs = one_video(tmp_path / "in")
+    output = tmp_path / "out"
+    config = EncodeConfig(input=str(inputs), output=str(output), model=str(tiny_clip_dir), num_frames=2)
+    run(config)
+    for path in sorted((output / "index").glob("*.parquet")):
+        table = pq.read_table(path)
+        old = previous_version(read_file_metadata(table.schema))
+        pq.write_table(table.replace_schema_metadata({**table.schema.metadata, METADATA_KEY: json.dumps(old).encode()}),
+                       path)
+    assert "cls_attention" in json.loads(pq.read_schema(path).metadata[METADATA_KEY])["method_params"]
+
+    (inputs / "h265_video.mp4").symlink_to(VIDEOS / "h265_video.mp4")
+    summary = run(config)
+    assert (summary.encoded, summary.skipped) == (1, 1)
+    reader = TokenReader(str(output))
+    assert reader.metadata["tower"] == "clip" and reader.metadata["method_params"]["importance"] == "cls"
+    assert sorted(len(reader.load(video_id).frames) for video_id in reader.video_ids()) == [2, 2]
