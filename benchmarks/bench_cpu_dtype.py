@@ -54,12 +54,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from operators.checkpoint import PROCESSOR_CONFIG  # noqa: E402
 from operators.decode import DecodedFrame, MediaError, VideoReader  # noqa: E402
 from operators.encode import VisionEncoder  # noqa: E402
 from operators.preprocess import Preprocessing  # noqa: E402
-from operators.towers import PROCESSOR_CONFIG, describe_tower  # noqa: E402
 from operators.prumerge import EXTRA_TOKEN_POSITION, prumerge  # noqa: E402
 from operators.sampling import uniform_indices  # noqa: E402
+from operators.towers import describe_tower  # noqa: E402
 from towers import save_tower  # noqa: E402
 
 VIDEOS = ROOT / "tests" / "data" / "videos"

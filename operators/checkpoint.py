@@ -1,18 +1,23 @@
 """Which files a run loads a vision tower from: the exact revision of a hub id or a local folder, found locally
-first (an offline machine with the weights never waits on the network), pinned for every encoder."""
+first (an offline machine with the weights never waits on the network), pinned for every encoder; its image
+processor's config; the names of its weights, without reading them."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from huggingface_hub.errors import HFValidationError
-from transformers.utils import CONFIG_NAME, cached_file
+from huggingface_hub import _CACHED_NO_EXIST, hf_hub_download, try_to_load_from_cache
+from huggingface_hub.errors import HFValidationError, RemoteEntryNotFoundError
+from safetensors import safe_open
+from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
 
+PROCESSOR_CONFIG = "preprocessor_config.json"
 FINGERPRINT_PREFIX = "sha256:"  # a local checkpoint folder's revision: "sha256:" + 64 hex digits
 # What transformers loads a tower from: its config and weights (single or sharded, with their index);
 # not other files a checkpoint folder may hold (training_args.bin, optimizer states, READMEs).
@@ -142,3 +147,53 @@ def _unavailable_message(model_name_or_path: str, revision: str | None, error: E
         f"(e.g. `hf download {model_name_or_path} --revision {revision} --local-dir DIR`) and pass --model PATH "
         "with that local directory (the same on every node), or pass a --model-revision that this machine holds."
     )
+
+
+def processor_config(model_name_or_path: str, revision: str | None = None) -> dict | None:
+    """The checkpoint's ``preprocessor_config.json`` as a dict; None when it has none.
+
+    A hub id's file comes from the hub cache, else from the hub (``from_pretrained`` caches only the config and
+    weights, so the processor's file is often not there).
+
+    Raises:
+        ModelUnavailableError: a hub id whose file is neither cached (nor known to be absent) nor downloadable:
+            the family's defaults could normalise differently from the checkpoint's own (DINOv2's ImageNet
+            mean/std), so the run does not guess.
+    """
+    if is_local_directory(model_name_or_path, revision):
+        path = Path(model_name_or_path) / PROCESSOR_CONFIG
+        return json.loads(path.read_text()) if path.is_file() else None
+    cached = try_to_load_from_cache(model_name_or_path, PROCESSOR_CONFIG, revision=revision)
+    if cached is _CACHED_NO_EXIST:
+        return None
+    if cached is None:
+        try:
+            cached = hf_hub_download(model_name_or_path, PROCESSOR_CONFIG, revision=revision)
+        except RemoteEntryNotFoundError:  # the repository has none (the hub said so; the cache now records it)
+            return None
+        except (OSError, HFValidationError) as error:
+            raise ModelUnavailableError(
+                f"{model_name_or_path!r}: its {PROCESSOR_CONFIG} (the image size, resize rule and mean/std its "
+                f"frames need) is not in this machine's Hugging Face cache and cannot be downloaded ({error}). "
+                f"Download it (e.g. `hf download {model_name_or_path} {PROCESSOR_CONFIG}`), or pass --model PATH "
+                "with a local copy of the checkpoint.") from error
+    return json.loads(Path(cached).read_text())
+
+
+def local_weight_names(model_name_or_path: str, revision: str | None) -> set[str] | None:
+    """The weight names of a checkpoint's safetensors found locally (None: not here, or not safetensors)."""
+    if is_local_directory(model_name_or_path, revision):
+        revision = None
+    for name in (SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME):
+        try:
+            path = cached_file(model_name_or_path, name, revision=revision, local_files_only=True,
+                               _raise_exceptions_for_missing_entries=False)
+        except (OSError, HFValidationError):
+            return None
+        if path is None:
+            continue
+        if name == SAFE_WEIGHTS_INDEX_NAME:
+            return set(json.loads(Path(path).read_text())["weight_map"])
+        with safe_open(path, "pt") as weights:
+            return set(weights.keys())
+    return None

@@ -23,34 +23,31 @@ import json
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
 from einops import rearrange
-from huggingface_hub import _CACHED_NO_EXIST, hf_hub_download, try_to_load_from_cache
-from huggingface_hub.errors import HFValidationError, RemoteEntryNotFoundError
-from safetensors import safe_open
 from torch import nn
 from transformers import (CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model, PretrainedConfig,
                           PreTrainedModel, Siglip2VisionConfig, Siglip2VisionModel, SiglipVisionConfig,
                           SiglipVisionModel, ViTConfig, ViTModel)
-from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
+from transformers.utils import CONFIG_NAME, cached_file
 from transformers.utils import logging as hf_logging
 
-from operators.checkpoint import ModelUnavailableError, is_local_directory, load_local_first, load_pinned
+from operators.checkpoint import (PROCESSOR_CONFIG, ModelUnavailableError, is_local_directory, load_local_first,
+                                  load_pinned, local_weight_names, processor_config)
 from operators.preprocess import CLIP_MEAN, CLIP_STD, Preprocessing
 
 logger = logging.getLogger(__name__)
 
 Importance = Literal["cls", "cls_head_mean", "probe", "mean_received"]
 IMPORTANCE_RULES: tuple[str, ...] = ("cls", "cls_head_mean", "probe", "mean_received")
-PROCESSOR_CONFIG = "preprocessor_config.json"
 HALF = (0.5, 0.5, 0.5)  # SigLIP's and ViT's processors: [0, 1] → [-1, 1]
 
 
 class Family:
-    """How one family of towers is loaded and run. Class attributes say what differs; methods say where things live.
+    """How one family of towers is loaded and run: class attributes say what differs and where its modules live;
+    a family overrides a method only where its computation differs (how pixels enter, its input size).
 
     ``processor`` holds the family's image-processor defaults (those of its Hugging Face processor class), which
     a checkpoint's ``preprocessor_config.json`` overrides: ``size`` ({"shortest_edge": R} or {"height", "width"}),
@@ -64,29 +61,33 @@ class Family:
     cls_token: ClassVar[bool] = True  # a CLS token leads the patches in every block
     fixed_size: ClassVar[bool] = True  # position embeddings for config.image_size only
     processor: ClassVar[dict]
+    blocks_path: ClassVar[str] = "encoder.layers"  # the model's list of blocks
+    attention_norm_name: ClassVar[str] = "layer_norm1"  # in a block: the norm its q_proj / k_proj read
+    attention_name: ClassVar[str] = "self_attn"  # in a block: the self-attention holding q_proj and k_proj
 
-    @staticmethod
-    def blocks(model: nn.Module) -> nn.ModuleList:
-        return model.encoder.layers
+    @classmethod
+    def blocks(cls, model: nn.Module) -> nn.ModuleList:
+        return model.get_submodule(cls.blocks_path)
 
-    @staticmethod
-    def set_blocks(model: nn.Module, blocks: nn.ModuleList) -> None:
-        model.encoder.layers = blocks
+    @classmethod
+    def set_blocks(cls, model: nn.Module, blocks: nn.ModuleList) -> None:
+        parent, _, name = cls.blocks_path.rpartition(".")
+        setattr(model.get_submodule(parent), name, blocks)
 
     @staticmethod
     def embed(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
         """``pixels [B, 3, S, S]`` (normalised) → the first block's input ``[B, P+N, C]`` (P = 1 with a CLS token)."""
         return model.embeddings(pixels)
 
-    @staticmethod
-    def attention_norm(block: nn.Module) -> nn.Module:
+    @classmethod
+    def attention_norm(cls, block: nn.Module) -> nn.Module:
         """The norm whose output the block's ``q_proj`` / ``k_proj`` read."""
-        return block.layer_norm1
+        return getattr(block, cls.attention_norm_name)
 
-    @staticmethod
-    def attention(block: nn.Module) -> nn.Module:
+    @classmethod
+    def attention(cls, block: nn.Module) -> nn.Module:
         """The block's self-attention, holding ``q_proj`` and ``k_proj`` (``[C] → [C]`` linear maps)."""
-        return block.self_attn
+        return getattr(block, cls.attention_name)
 
     @staticmethod
     def input_size(config: PretrainedConfig, processed: int | None, model_name_or_path: str) -> int:
@@ -157,22 +158,7 @@ class VitFamily(Family):
     config_class = ViTConfig
     model_class = ViTModel
     processor = {"size": {"height": 224, "width": 224}, "do_center_crop": False, "image_mean": HALF, "image_std": HALF}
-
-    @staticmethod
-    def blocks(model: nn.Module) -> nn.ModuleList:
-        return model.layers
-
-    @staticmethod
-    def set_blocks(model: nn.Module, blocks: nn.ModuleList) -> None:
-        model.layers = blocks
-
-    @staticmethod
-    def attention_norm(block: nn.Module) -> nn.Module:
-        return block.layernorm_before
-
-    @staticmethod
-    def attention(block: nn.Module) -> nn.Module:
-        return block.attention
+    blocks_path, attention_norm_name, attention_name = "layers", "layernorm_before", "attention"
 
 
 class Dinov2Family(Family):
@@ -183,22 +169,7 @@ class Dinov2Family(Family):
     fixed_size = False  # interpolates its position embeddings to any input
     processor = {"size": {"shortest_edge": 224}, "do_center_crop": True, "crop_size": 224,
                  "image_mean": CLIP_MEAN, "image_std": CLIP_STD}  # BitImageProcessor's defaults
-
-    @staticmethod
-    def blocks(model: nn.Module) -> nn.ModuleList:
-        return model.encoder.layer
-
-    @staticmethod
-    def set_blocks(model: nn.Module, blocks: nn.ModuleList) -> None:
-        model.encoder.layer = blocks
-
-    @staticmethod
-    def attention_norm(block: nn.Module) -> nn.Module:
-        return block.norm1
-
-    @staticmethod
-    def attention(block: nn.Module) -> nn.Module:
-        return block.attention
+    blocks_path, attention_norm_name, attention_name = "encoder.layer", "norm1", "attention"
 
     @staticmethod
     def input_size(config: PretrainedConfig, processed: int | None, model_name_or_path: str) -> int:
@@ -330,37 +301,6 @@ def describe_tower(model_name_or_path: str, revision: str | None = None) -> Towe
     )
 
 
-def processor_config(model_name_or_path: str, revision: str | None = None) -> dict | None:
-    """The checkpoint's ``preprocessor_config.json`` as a dict; None when it has none.
-
-    A hub id's file comes from the hub cache, else from the hub (``from_pretrained`` caches only the config and
-    weights, so the processor's file is often not there).
-
-    Raises:
-        ModelUnavailableError: a hub id whose file is neither cached (nor known to be absent) nor downloadable:
-            the family's defaults could normalise differently from the checkpoint's own (DINOv2's ImageNet
-            mean/std), so the run does not guess.
-    """
-    if is_local_directory(model_name_or_path, revision):
-        path = Path(model_name_or_path) / PROCESSOR_CONFIG
-        return json.loads(path.read_text()) if path.is_file() else None
-    cached = try_to_load_from_cache(model_name_or_path, PROCESSOR_CONFIG, revision=revision)
-    if cached is _CACHED_NO_EXIST:
-        return None
-    if cached is None:
-        try:
-            cached = hf_hub_download(model_name_or_path, PROCESSOR_CONFIG, revision=revision)
-        except RemoteEntryNotFoundError:  # the repository has none (the hub said so; the cache now records it)
-            return None
-        except (OSError, HFValidationError) as error:
-            raise ModelUnavailableError(
-                f"{model_name_or_path!r}: its {PROCESSOR_CONFIG} (the image size, resize rule and mean/std its "
-                f"frames need) is not in this machine's Hugging Face cache and cannot be downloaded ({error}). "
-                f"Download it (e.g. `hf download {model_name_or_path} {PROCESSOR_CONFIG}`), or pass --model PATH "
-                "with a local copy of the checkpoint.") from error
-    return json.loads(Path(cached).read_text())
-
-
 def has_probe(family: type[Family], config: PretrainedConfig, model_name_or_path: str,
               revision: str | None = None) -> bool:
     """Whether the tower has SigLIP's attention-pooling head: its config says so and, when its weights are
@@ -368,27 +308,8 @@ def has_probe(family: type[Family], config: PretrainedConfig, model_name_or_path
     head's probe (LLaVA-OneVision's tower is saved without it)."""
     if not family.has_probe(config):
         return False
-    names = _local_weight_names(model_name_or_path, revision)
+    names = local_weight_names(model_name_or_path, revision)
     return names is None or any(name.endswith("head.probe") for name in names)
-
-
-def _local_weight_names(model_name_or_path: str, revision: str | None) -> set[str] | None:
-    """The weight names of a checkpoint's safetensors found locally (None: not here, or not safetensors)."""
-    if is_local_directory(model_name_or_path, revision):
-        revision = None
-    for name in (SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME):
-        try:
-            path = cached_file(model_name_or_path, name, revision=revision, local_files_only=True,
-                               _raise_exceptions_for_missing_entries=False)
-        except (OSError, HFValidationError):
-            return None
-        if path is None:
-            continue
-        if name == SAFE_WEIGHTS_INDEX_NAME:
-            return set(json.loads(Path(path).read_text())["weight_map"])
-        with safe_open(path, "pt") as weights:
-            return set(weights.keys())
-    return None
 
 
 def checkpoint_preprocessing(family: type[Family], config: PretrainedConfig, processor: dict | None,

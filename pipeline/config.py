@@ -55,7 +55,8 @@ class EncodeConfig:
         "patch importance: 'cls' the CLS query's full-width attention in the block after --layer (PruMerge's); "
         "'cls_head_mean' its per-head attention, averaged; 'probe' SigLIP's pooling-head query's attention over "
         "the --layer states after the final norm; 'mean_received' the attention each patch receives from all "
-        "queries in the block after --layer (default: cls for towers with a CLS token, probe for SigLIP)", choices=IMPORTANCE_RULES)
+        "queries in the block after --layer (default: cls for towers with a CLS token, probe for SigLIP)",
+        choices=IMPORTANCE_RULES)
     preprocess: Literal["crop", "squash", "pad"] | None = _flag(
         "'crop': shortest side, centre crop (CLIP's processor); 'squash': resize to the square input (SigLIP's, "
         "ViT's); 'pad': LLaVA pad-to-square (default: the checkpoint's own image processor's rule)",
