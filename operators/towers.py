@@ -100,8 +100,9 @@ class Family:
         return config.image_size
 
     @staticmethod
-    def has_probe(config: PretrainedConfig) -> bool:
-        """Whether the checkpoint has SigLIP's attention-pooling head (a learnt probe query)."""
+    def declares_probe(config: PretrainedConfig) -> bool:
+        """Whether the config declares SigLIP's attention-pooling head (a learnt probe query); `has_probe` also
+        checks its weights."""
         return False
 
 
@@ -127,7 +128,7 @@ class SiglipFamily(Family):
     processor = {"size": {"height": 224, "width": 224}, "do_center_crop": False, "image_mean": HALF, "image_std": HALF}
 
     @staticmethod
-    def has_probe(config: PretrainedConfig) -> bool:
+    def declares_probe(config: PretrainedConfig) -> bool:
         return bool(getattr(config, "vision_use_head", True))
 
 
@@ -306,7 +307,7 @@ def has_probe(family: type[Family], config: PretrainedConfig, model_name_or_path
     """Whether the tower has SigLIP's attention-pooling head: its config says so and, when its weights are
     safetensors already here (names read from the header or the shard index, not the weights), they hold the
     head's probe (LLaVA-OneVision's tower is saved without it)."""
-    if not family.has_probe(config):
+    if not family.declares_probe(config):
         return False
     names = local_weight_names(model_name_or_path, revision)
     return names is None or any(name.endswith("head.probe") for name in names)
@@ -343,7 +344,7 @@ def checkpoint_preprocessing(family: type[Family], config: PretrainedConfig, pro
     if processor is None and family.fixed_size:  # the defaults' sizes are the processor class's, not this tower's
         processed = resize = None
     image_size = family.input_size(config, processed, model_name_or_path)  # SigLIP so400m: 384 px, 27 patches of 14
-    return Preprocessing(mode=mode, image_size=image_size, resize_size=resize if mode == "crop" else None,
+    return Preprocessing(mode=mode, image_size=image_size, resize_size=resize,
                          mean=_per_channel(settings["image_mean"]), std=_per_channel(settings["image_std"]))
 
 
