@@ -258,6 +258,10 @@ def read_index(fs: pafs.FileSystem, root: str, threads: int = 16) -> OutputIndex
     return OutputIndex(entries, by_file[files[0]], by_file)
 
 
+# What reading a damaged Parquet file raises: I/O and Arrow errors, and a UnicodeDecodeError (a ValueError) when
+# a column name in its footer no longer decodes.
+UNREADABLE = (OSError, ValueError, pa.ArrowException)
+
 # Datasets of the output's files read with each page checked against its CRC (see `read_verified`).
 VERIFIED_PARQUET = pads.ParquetFileFormat(
     default_fragment_scan_options=pads.ParquetFragmentScanOptions(page_checksum_verification=True))
@@ -276,7 +280,7 @@ def _read_whole(fs: pafs.FileSystem, path: str) -> pa.Table | str | None:
             return read_verified(handle).read()
     except FileNotFoundError:
         return None
-    except (OSError, pa.ArrowException) as error:
+    except UNREADABLE as error:
         return _first_line(error)
 
 
@@ -485,7 +489,7 @@ def read_parquet_files(fs: pafs.FileSystem, files: list[str], schema: pa.Schema,
     """
     try:
         return pads.dataset(files, format=VERIFIED_PARQUET, filesystem=fs, schema=schema).to_table()
-    except (OSError, pa.ArrowException) as error:
+    except UNREADABLE as error:
         bad = unreadable_files(fs, files) or {os.path.dirname(files[0]): str(error)}  # else: the folder read
         raise DamagedOutputError(output, bad) from error
 
@@ -510,7 +514,7 @@ def _read_shard(fs: pafs.FileSystem, path: str, metadata: dict,
             size = handle.size()
             parquet = read_verified(handle)
             table = parquet.read()
-    except (OSError, pa.ArrowException) as error:
+    except UNREADABLE as error:
         return f"unreadable: {_first_line(error)}"
     try:
         recorded = read_file_metadata(table.schema)

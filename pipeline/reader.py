@@ -27,8 +27,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.commit import (DamagedOutputError, OutputIndex, committed_files, read_index, read_parquet_files,
-                             read_verified)
+from pipeline.commit import (UNREADABLE, DamagedOutputError, OutputIndex, committed_files, read_index,
+                             read_parquet_files, read_verified)
 from pipeline.inputs import filesystem_and_path
 from pipeline.schema import (ERROR_SCHEMA, SCHEMA_VERSION, differing_settings, expected_tiles, read_file_metadata,
                              shard_schema)
@@ -318,9 +318,9 @@ class TokenReader:
                                                            f"{self._sizes[name]} bytes"})
             try:
                 footer = pq.read_metadata(handle)
-            except (OSError, pa.ArrowException) as error:
+                schema = footer.schema.to_arrow_schema()
+            except UNREADABLE as error:
                 raise DamagedOutputError(self.out_dir, {path: str(error)}) from error
-            schema = footer.schema.to_arrow_schema()
             columns, expected = schema.remove_metadata(), shard_schema(self.hidden_size)
             if not columns.equals(expected):
                 raise ShardFormatError(f"{path}: columns {columns} differ from the shard schema {expected}")
@@ -345,7 +345,7 @@ class TokenReader:
                 table = read_verified(handle, metadata=self._footer(name, handle)).read_row_group(group)
         except FileNotFoundError as error:
             raise DamagedOutputError(self.out_dir, {self._path(name): "missing"}) from error
-        except (OSError, pa.ArrowException) as error:  # a page whose CRC fails, data that does not decode
+        except UNREADABLE as error:  # a page whose CRC fails, data that does not decode
             raise DamagedOutputError(self.out_dir, {self._path(name): str(error)}) from error
         self.row_groups_read += 1
         self._cache[key] = table

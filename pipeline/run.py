@@ -12,7 +12,6 @@ import warnings
 from dataclasses import asdict, dataclass
 from importlib import metadata
 
-import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
@@ -21,8 +20,8 @@ from operators.checkpoint import resolve_revision
 from operators.preprocess import Preprocessing
 from operators.towers import TowerInfo, describe_tower
 from pipeline.config import EncodeConfig
-from pipeline.commit import (CommitState, DamagedOutputError, committed_files, error_files, merge_index_parts,
-                             prepare_output, read_error_rows)
+from pipeline.commit import (UNREADABLE, CommitState, DamagedOutputError, committed_files, error_files,
+                             merge_index_parts, prepare_output, read_error_rows)
 from pipeline.inputs import VIDEO_ID_RULE, InputItem, Listing, filesystem_and_path, list_inputs, redact_credentials
 from pipeline.lease import OutputLease, OutputLocked
 from pipeline.report import failure_line
@@ -126,7 +125,7 @@ def check_output_compatible(output: str, metadata: dict) -> None:
             try:
                 with fs.open_input_file(path) as handle:
                     existing = read_file_metadata(pq.read_schema(handle))
-            except (OSError, pa.ArrowException):
+            except UNREADABLE:
                 continue
             _refuse_other_settings(output, existing, {"schema_version": SCHEMA_VERSION, **metadata})
             return

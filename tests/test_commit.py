@@ -162,6 +162,39 @@ def test_a_lost_index_and_a_stale_copy_of_a_committed_shard_are_healed_without_d
     assert shard_rows(output).equals(shard_rows(original))
 
 
+def flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def inside_tokens_page(path: Path) -> int:
+    """An offset inside the compressed data of the tokens column's last page (a page header, statistics or an
+    unused footer byte may be damaged without changing what is read; page data never is)."""
+    metadata = pq.read_metadata(path)
+    [chunk] = [metadata.row_group(0).column(i) for i in range(metadata.num_columns)
+               if metadata.row_group(0).column(i).path_in_schema.startswith("tokens.")]
+    return (chunk.dictionary_page_offset or chunk.data_page_offset) + chunk.total_compressed_size - 2
+
+
+def test_a_footer_whose_column_name_no_longer_decodes_is_named_damaged(reference, tmp_path, tiny_clip_dir):
+    """A damaged byte in a column name of the footer (invalid UTF-8) is a damaged shard, named, not a
+    UnicodeDecodeError; a resuming run with --set-aside-damaged sets it aside."""
+    inputs, original = reference
+    output = tmp_path / "out"
+    shutil.copytree(original, output)
+    shard = sorted((output / "shards").glob("*.parquet"))[0]
+    video_id = pq.read_table(shard, columns=["video_id"])["video_id"][0].as_py()
+    data = shard.read_bytes()
+    flip_byte(shard, data.index(b"source_path", len(data) - 8 - int.from_bytes(data[-8:-4], "little")))
+    with pytest.raises(DamagedOutputError, match=shard.name):
+        TokenReader(str(output)).load(video_id)
+    summary = run(EncodeConfig(input=str(inputs), output=str(output), model=str(tiny_clip_dir), num_frames=3,
+                               set_aside_damaged=True))
+    assert (summary.frames, summary.rows) == (1, 1) and (output / "damaged" / "shards" / shard.name).exists()
+    assert TokenReader(str(output)).load(video_id).num_frames == 3
+
+
 def test_damage_inside_files_is_found_and_set_aside(reference, tmp_path, tiny_clip_dir):
     """A shard damaged in place (same size) is named by the reader; the job checks sizes only, but
     --set-aside-damaged reads every committed shard and finds it. An unreadable (first) index file is
@@ -170,9 +203,7 @@ def test_damage_inside_files_is_found_and_set_aside(reference, tmp_path, tiny_cl
     output = tmp_path / "out"
     shutil.copytree(original, output)
     shards = sorted((output / "shards").glob("*.parquet"))
-    data = bytearray(shards[2].read_bytes())
-    data[len(data) // 3] ^= 0xFF
-    shards[2].write_bytes(bytes(data))
+    flip_byte(shards[2], inside_tokens_page(shards[2]))
     video_id = pq.read_table(original / "shards" / shards[2].name, columns=["video_id"])["video_id"][0].as_py()
     with pytest.raises(DamagedOutputError, match=shards[2].name):
         TokenReader(str(output)).load(video_id)
