@@ -121,6 +121,10 @@ def shard_table(keys: list[tuple[int, int]], names: list[tuple[str, str]], sampl
         "tokens": ragged(tokens, counts, schema.field("tokens").type.value_type),
         "positions": ragged(rng.integers(0, 576, n * TOKENS_PER_ROW).astype(np.int16), counts, pa.int16()),
         "scores": ragged(rng.random(n * TOKENS_PER_ROW, dtype=np.float32), counts, pa.float32()),
+        "frame_indices": ragged(frames, np.ones(n, np.int64), pa.int32()),
+        "timestamps_s": ragged(frames * 1.5, np.ones(n, np.int64), pa.float64()),
+        "first_frames": ragged(np.repeat(frames, TOKENS_PER_ROW), counts, pa.int32()),
+        "last_frames": ragged(np.repeat(frames, TOKENS_PER_ROW), counts, pa.int32()),
         "source_info": source_info,
     }
     return pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema)

@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hd_clips import make_clip  # noqa: E402
 from operators.frames import FrameRequest, frame_rows  # noqa: E402
 from operators.preprocess import Preprocessing  # noqa: E402
-from operators.prumerge import ReducedFrames  # noqa: E402
+from operators.methods import ReducedRows  # noqa: E402
 from operators.sampling import FrameSampling  # noqa: E402
 from pipeline.config import EncodeConfig  # noqa: E402
 from pipeline.schema import encoded_schema, shard_schema  # noqa: E402
@@ -69,6 +69,7 @@ class GpuClassStandIn(EncodeTokens):
     def __init__(self, config: EncodeConfig, preprocessing: Preprocessing,
                  threads: int | None = None) -> None:  # no tower: the host side only
         self.config = config
+        self.specs = config.methods()  # one per-frame method: `reduce` answers for it alone
         self.schema = encoded_schema(shard_schema(HIDDEN))
         self.seconds_per_view = float(os.environ.get("BENCH_STANDIN_MS_PER_VIEW", "1.0")) / 1000
         generator = torch.Generator().manual_seed(0)
@@ -77,11 +78,14 @@ class GpuClassStandIn(EncodeTokens):
         self.scores = torch.full((TOKENS_PER_VIEW,), 1.0 / TOKENS_PER_VIEW)
         self.device = threading.Lock()
 
-    def reduce(self, images: torch.Tensor) -> ReducedFrames:
+    def reduce(self, images: torch.Tensor, view_frames: list[int], todo: list[list[int]]) -> list[ReducedRows]:
         with self.device:  # one batch at a time, as on one GPU; the other batch in flight does its host work
             time.sleep(self.seconds_per_view * len(images))
         count = len(images)
-        return ReducedFrames([self.tokens] * count, [self.positions] * count, [self.scores] * count)
+        own = [torch.full((TOKENS_PER_VIEW,), frame, dtype=torch.int64) for frame in view_frames]
+        frames = sorted(set(view_frames))  # a frame's views are consecutive
+        return [ReducedRows([[frame] for frame in frames], [view_frames.count(frame) for frame in frames],
+                            [self.tokens] * count, [self.positions] * count, [self.scores] * count, own, own)]
 
     def __call__(self, batch):
         started_cpu = time.thread_time()

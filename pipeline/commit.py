@@ -160,7 +160,7 @@ def index_entries(shard: pa.Table, file: str, file_bytes: int, row_group_rows: l
     rows each): one row per video, `INDEX_SCHEMA`."""
     group_of_row = np.repeat(np.arange(len(row_group_rows), dtype=np.int32), row_group_rows)
     ids = shard["video_id"].to_pylist()
-    frames = shard["frame_index"].to_pylist()
+    frames = shard["frame_indices"].to_pylist()  # a row of a temporal method stands for a window of frames
     tokens = shard["num_tokens"].to_pylist()
     sampled = pc.struct_field(shard["source_info"], "sampled_frames").to_pylist()
     starts = [0, *(i for i in range(1, len(ids)) if ids[i] != ids[i - 1])]
@@ -169,7 +169,7 @@ def index_entries(shard: pa.Table, file: str, file_bytes: int, row_group_rows: l
         rows.append({
             "video_id": ids[start], "file": file, "file_bytes": file_bytes,
             "row_groups": list(range(group_of_row[start], group_of_row[stop - 1] + 1)),
-            "frame_indices": sorted(set(frames[start:stop])), "rows": stop - start,
+            "frame_indices": sorted({i for row in frames[start:stop] for i in row}), "rows": stop - start,
             "tokens": sum(tokens[start:stop]), "sampled_frames": sampled[start],
         })
     return pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)

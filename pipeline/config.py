@@ -10,6 +10,7 @@ from typing import Literal
 from operators.decode import DEFAULT_MAX_FRAME_PIXELS
 from operators.encode import DEFAULT_MODEL
 from operators.images import DEFAULT_MAX_PIXELS
+from operators.methods import MethodSpec, parse_methods
 from operators.preprocess import RESIZE_MODES, Preprocessing
 from operators.sampling import FrameSampling
 from operators.tiles import default_pinpoints
@@ -47,9 +48,15 @@ class EncodeConfig:
     key_frame_tolerance_s: float | None = _flag(
         "videos, with --key-frames: the farthest (seconds) a key frame may be from the sampled frame it replaces "
         "(default: no limit but the neighbouring sampled frames)")
-    method: Literal["prumerge", "prumerge+", "fixed"] = _flag(
-        "token reduction", "prumerge", choices=("prumerge", "prumerge+", "fixed"))
-    budget: int | None = _flag("tokens kept per frame/tile with --method fixed (plus one merged extra token)")
+    method: str = _flag(
+        "token reduction: one or a comma-separated list of prumerge, prumerge+, fixed:K (K tokens per view "
+        "plus one merged extra), holitom:R (HoliTom's temporal merging across the frames of a segment, keeping "
+        "R of their patches); all from one encoder pass; with several, each goes to OUT/<method>/ (':' written "
+        "'-')", "prumerge")
+    budget: int | None = _flag("tokens kept per frame/tile with --method fixed (the same as fixed:K)")
+    segment_frames: int = _flag("videos, with holitom: consecutive sampled frames encoded in one batch and "
+                                "reduced together (its temporal windows never cross a segment; memory grows "
+                                "with it)", 32)
     k_neighbors: int = _flag("neighbours (by key cosine similarity) merged into each kept token", 32)
     importance: Literal["cls", "cls_head_mean", "probe", "mean_received"] | None = _flag(
         "patch importance: 'cls' the CLS query's full-width attention in the block after --layer (PruMerge's); "
@@ -97,12 +104,15 @@ class EncodeConfig:
     def __post_init__(self) -> None:
         if self.fps is not None:
             self.num_frames = None
-        if self.method == "fixed" and self.budget is None:
-            raise ValueError("--method fixed needs --budget K")
-        if self.method != "fixed" and self.budget is not None:
-            raise ValueError("--budget is only used with --method fixed")
+        specs = self.methods()
+        temporal = [spec.text for spec in specs if spec.temporal]
+        if temporal and self.media != "video":
+            raise ValueError(f"--method {temporal[0]} reduces across the frames of a video; images have one")
+        if temporal and self.anyres:
+            raise ValueError(f"--method {temporal[0]} reduces the global view of each frame across frames; it "
+                             "does not take --anyres")
         for name in ("batch_size", "k_neighbors", "frames_per_shard", "max_image_pixels", "max_frame_pixels",
-                     "num_decoders", "num_encoders"):
+                     "num_decoders", "num_encoders", "segment_frames"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
@@ -143,9 +153,20 @@ class EncodeConfig:
                 raise ValueError(f"--pinpoints {', '.join(bad)}: each side must be a multiple of the model's input "
                                  f"size {size} px (e.g. {size}x{2 * size})")
         patches = tower.grid_size**2
-        if self.budget is not None and not 1 <= self.budget <= patches:
-            raise ValueError(f"--budget {self.budget}: the model has {patches} patches per view; use 1..{patches}")
+        for spec in self.methods():
+            if spec.budget is not None and spec.budget > patches:
+                given = f"--budget {self.budget}" if self.budget is not None else f"--method {spec.text}"
+                raise ValueError(f"{given}: the model has {patches} patches per view; use 1..{patches}")
         return resolved
+
+    def methods(self) -> tuple[MethodSpec, ...]:
+        """``--method`` (with ``--budget``) as specs; raises ValueError naming the spec when malformed."""
+        return parse_methods(self.method, self.budget)
+
+    def segment_size(self) -> int:
+        """Frames per segment row: ``segment_frames`` when a method reduces across frames, else 1 (per-frame
+        methods need no frame of their neighbours, and one-frame rows batch exactly as ``batch_size`` says)."""
+        return self.segment_frames if any(spec.temporal for spec in self.methods()) else 1
 
     def preprocessing(self, tower: TowerInfo) -> Preprocessing:
         """How frames become ``tower``'s input: its own rule, or ``preprocess`` when set (then a crop crops at S)."""

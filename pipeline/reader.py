@@ -30,8 +30,8 @@ import torch
 from pipeline.commit import (UNREADABLE, DamagedOutputError, OutputIndex, committed_files, read_index,
                              read_parquet_files, read_verified)
 from pipeline.inputs import filesystem_and_path
-from pipeline.schema import (ERROR_SCHEMA, SCHEMA_VERSION, differing_settings, expected_tiles, read_file_metadata,
-                             shard_schema)
+from pipeline.schema import (ERROR_SCHEMA, READABLE_VERSIONS, differing_settings, expected_tiles,
+                             read_file_metadata, shard_schema, upgrade_rows)
 
 
 class ShardFormatError(ValueError):
@@ -51,6 +51,8 @@ class View:
     tokens: torch.Tensor  # [n, C] float16
     positions: torch.Tensor  # [n] int16: row-major patch index; -1 for the merged extra token
     scores: torch.Tensor  # [n] float32: importance (the rule in the metadata's method_params)
+    first_frames: torch.Tensor  # [n] int32: number of the first source frame each token stands for
+    last_frames: torch.Tensor  # [n] int32: ... the last (per-frame methods: the frame itself)
 
     @property
     def num_tokens(self) -> int:
@@ -59,7 +61,10 @@ class View:
 
 @dataclass(frozen=True)
 class Frame:
-    """One sampled frame (or an image): its global view's tokens, and its AnyRes tiles when tiled."""
+    """One sampled frame (or an image): its global view's tokens, and its AnyRes tiles when tiled. With a
+    temporal method (``holitom``) one temporal window: ``frame_indices`` lists its frames, ``frame_index``
+    and ``timestamp_s`` are its first, and each token's ``first_frames``/``last_frames`` say which of them
+    it stands for."""
 
     frame_index: int
     timestamp_s: float
@@ -67,6 +72,13 @@ class Frame:
     grid_cols: int
     global_view: View
     tiles: tuple[View, ...] = ()  # row-major over the grid_rows × grid_cols grid; empty when not tiled
+    frame_indices: tuple[int, ...] = ()  # the frames this row stands for, in time order (default: its own)
+    timestamps: tuple[float, ...] = ()  # their presentation times, seconds
+
+    def __post_init__(self) -> None:
+        if not self.frame_indices:
+            object.__setattr__(self, "frame_indices", (self.frame_index,))
+            object.__setattr__(self, "timestamps", (self.timestamp_s,))
 
     @property
     def tokens(self) -> torch.Tensor:
@@ -218,11 +230,12 @@ class TokenReader:
             pipeline.commit.DamagedOutputError: a shard holding it cannot be read back whole.
         """
         parts = [self._row_group(name, group) for name, group in self._locate(video_id)]
-        table = pa.concat_tables(parts)
+        table = upgrade_rows(pa.concat_tables(parts), self.hidden_size)
         table = table.filter(pc.equal(table["video_id"], video_id))
         table = table.sort_by([("frame_index", "ascending"), ("tile_index", "ascending")])
         views = _views(table, self.hidden_size)
-        columns = {name: table[name].to_pylist() for name in ("frame_index", "timestamp_s", "grid_rows", "grid_cols")}
+        columns = {name: table[name].to_pylist() for name in ("frame_index", "timestamp_s", "grid_rows", "grid_cols",
+                                                              "frame_indices", "timestamps_s")}
         starts = [0, *(np.flatnonzero(np.diff(table["frame_index"].to_numpy())) + 1).tolist()]
         anyres = bool(self.metadata["preprocessing"]["anyres"])
         frames = []
@@ -233,11 +246,13 @@ class TokenReader:
                 raise ShardFormatError(f"{video_id} frame {index}: views {tiles}, expected "
                                        f"{expected_tiles(rows, cols, anyres)} (in {self.row_groups(video_id)})")
             frames.append(Frame(frame_index=index, timestamp_s=columns["timestamp_s"][start], grid_rows=rows,
-                                grid_cols=cols, global_view=views[start], tiles=tuple(views[start + 1 : stop])))
+                                grid_cols=cols, global_view=views[start], tiles=tuple(views[start + 1 : stop]),
+                                frame_indices=tuple(columns["frame_indices"][start]),
+                                timestamps=tuple(columns["timestamps_s"][start])))
         committed = self._committed_frames(video_id)
-        if [frame.frame_index for frame in frames] != committed:
-            raise ShardFormatError(f"{video_id}: the index commits frames {committed}, the shards hold "
-                                   f"{[frame.frame_index for frame in frames]}")
+        held = [i for frame in frames for i in frame.frame_indices]
+        if held != committed:
+            raise ShardFormatError(f"{video_id}: the index commits frames {committed}, the shards hold {held}")
         source = table["source_path"][0].as_py()
         return VideoTokens(video_id=video_id, source_path=source, frames=tuple(frames), metadata=self.metadata,
                            source_info=table["source_info"][0].as_py())
@@ -259,7 +274,7 @@ class TokenReader:
             if shards:
                 with self.filesystem.open_input_file(shards[0]) as handle:
                     version = read_file_metadata(pq.read_schema(handle)).get("schema_version")
-                if version != SCHEMA_VERSION:
+                if version not in READABLE_VERSIONS:
                     raise ShardFormatError(_version_message(shards[0], version))
                 raise ShardFormatError(
                     f"{self.out_dir} holds {len(shards)} shard file(s) but no commit index (index/*.parquet): none "
@@ -272,7 +287,7 @@ class TokenReader:
                 raise FileNotFoundError(f"{self.out_dir} {what}: is it the --output of an encoding run?")
             return index
         version = index.metadata.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ShardFormatError(_version_message(index.files[0], version))
         groups: dict[str, list[str]] = {}
         for path, metadata in index.metadata_by_file.items():
@@ -321,7 +336,8 @@ class TokenReader:
                 schema = footer.schema.to_arrow_schema()
             except UNREADABLE as error:
                 raise DamagedOutputError(self.out_dir, {path: str(error)}) from error
-            columns, expected = schema.remove_metadata(), shard_schema(self.hidden_size)
+            columns = schema.remove_metadata()
+            expected = shard_schema(self.hidden_size, self.metadata["schema_version"])
             if not columns.equals(expected):
                 raise ShardFormatError(f"{path}: columns {columns} differ from the shard schema {expected}")
             try:
@@ -345,6 +361,8 @@ class TokenReader:
                 table = read_verified(handle, metadata=self._footer(name, handle)).read_row_group(group)
         except FileNotFoundError as error:
             raise DamagedOutputError(self.out_dir, {self._path(name): "missing"}) from error
+        except (ShardFormatError, MixedShardsError):  # the footer's findings (ValueErrors), not damage
+            raise
         except UNREADABLE as error:  # a page whose CRC fails, data that does not decode
             raise DamagedOutputError(self.out_dir, {self._path(name): str(error)}) from error
         self.row_groups_read += 1
@@ -368,8 +386,8 @@ class _Strings:
 
 
 def _version_message(path: str, version) -> str:
-    return (f"{path}: shard schema version {version!r}, this reader reads version {SCHEMA_VERSION!r}; re-encode, or "
-            "read it with the matching release of video-token-cache")
+    return (f"{path}: shard schema version {version!r}, this reader reads versions {', '.join(READABLE_VERSIONS)}; "
+            "re-encode, or read it with the matching release of video-token-cache")
 
 
 def _views(table: pa.Table, hidden_size: int) -> list[View]:
@@ -380,9 +398,12 @@ def _views(table: pa.Table, hidden_size: int) -> list[View]:
     tokens = torch.from_numpy(np.array(tokens, dtype=np.float16).reshape(-1, hidden_size))  # [sum n, C]
     positions = torch.from_numpy(np.array(pc.list_flatten(table["positions"]).to_numpy(), dtype=np.int16))
     scores = torch.from_numpy(np.array(pc.list_flatten(table["scores"]).to_numpy(), dtype=np.float32))
+    first = torch.from_numpy(np.array(pc.list_flatten(table["first_frames"]).to_numpy(), dtype=np.int32))
+    last = torch.from_numpy(np.array(pc.list_flatten(table["last_frames"]).to_numpy(), dtype=np.int32))
     tile_index = table["tile_index"].to_pylist()
     return [
-        View(tile_index=tile_index[i], tokens=tokens[a:b], positions=positions[a:b], scores=scores[a:b])
+        View(tile_index=tile_index[i], tokens=tokens[a:b], positions=positions[a:b], scores=scores[a:b],
+             first_frames=first[a:b], last_frames=last[a:b])
         for i, (a, b) in enumerate(zip(offsets[:-1], offsets[1:]))
     ]
 

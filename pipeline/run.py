@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import platform
@@ -17,6 +18,7 @@ import pyarrow.parquet as pq
 import ray
 
 from operators.checkpoint import resolve_revision
+from operators.methods import HOLITOM_DEFAULTS, MethodSpec
 from operators.preprocess import Preprocessing
 from operators.towers import TowerInfo, describe_tower
 from pipeline.config import EncodeConfig
@@ -27,8 +29,8 @@ from pipeline.lease import OutputLease, OutputLocked
 from pipeline.report import failure_line
 from pipeline.resources import ResourcePlan, ResourcesUnavailable, plan_resources
 from pipeline.runlog import RunLog, new_run_id, plain_text, utc_timestamp, write_run_record
-from pipeline.schema import SCHEMA_VERSION, differing_settings, read_file_metadata
-from pipeline.sink import ShardSink, WriteStats
+from pipeline.schema import READABLE_VERSIONS, SCHEMA_VERSION, differing_settings, read_file_metadata
+from pipeline.sink import ShardSink, SinkOutput, WriteStats
 from pipeline.stages import DecodeInputs, EncodeTokens
 
 ACTOR_RETRIES = 2
@@ -63,6 +65,7 @@ class RunSummary:
     frames_per_s: float
     bytes_written: int
     wall_s: float
+    methods: dict[str, dict] = dataclasses.field(default_factory=dict)  # several methods: each one's counts
 
     def lines(self) -> list[str]:
         failed_before = f", {self.skipped_failed} of them with error rows" if self.skipped_failed else ""
@@ -73,6 +76,9 @@ class RunSummary:
             f"{self.frames_per_s:.2f} frames/s over {self.wall_s:.1f} s, {self.bytes_written / 1e6:.2f} MB written, "
             f"{self.error_rows} error rows",
         ]
+        for method, counts in self.methods.items():
+            lines.append(f"  {method}: {counts['rows']} rows, {counts['tokens']} tokens, "
+                         f"{counts['bytes'] / 1e6:.2f} MB")
         if self.duplicates:
             lines.append(f"names of inputs already listed: {self.duplicates} (each file is encoded once; named in the log)")
         if self.listing_notes:
@@ -82,8 +88,20 @@ class RunSummary:
         return lines
 
 
-def run_metadata(config: EncodeConfig, tower: TowerInfo, preprocessing: Preprocessing) -> dict:
-    """What every shard records about how its tokens were made (``config`` resolved by `EncodeConfig.for_tower`)."""
+def method_params(config: EncodeConfig, spec: MethodSpec) -> dict:
+    """What a method's output records about its parameters (per-frame methods: as before temporal ones
+    existed, so their outputs stay resumable)."""
+    if spec.temporal:
+        return {"retention": spec.retention, "importance": config.importance, "segment_frames": config.segment_frames,
+                **HOLITOM_DEFAULTS}
+    return {"budget": spec.budget, "k_neighbors": config.k_neighbors, "importance": config.importance}
+
+
+def run_metadata(config: EncodeConfig, tower: TowerInfo, preprocessing: Preprocessing,
+                 spec: MethodSpec | None = None) -> dict:
+    """What every file of ``spec``'s output (default: the run's first method) records about how its tokens
+    were made (``config`` resolved by `EncodeConfig.for_tower`)."""
+    spec = spec or config.methods()[0]
     return {
         "media": config.media,
         "video_id_rule": VIDEO_ID_RULE,
@@ -94,8 +112,8 @@ def run_metadata(config: EncodeConfig, tower: TowerInfo, preprocessing: Preproce
         "hidden_size": tower.hidden_size,
         "patch_grid": [tower.grid_size, tower.grid_size],
         "patch_size": tower.patch_size,
-        "method": config.method,
-        "method_params": {"budget": config.budget, "k_neighbors": config.k_neighbors, "importance": config.importance},
+        "method": spec.name,
+        "method_params": method_params(config, spec),
         "preprocessing": {
             **preprocessing.to_metadata(),
             "anyres": config.anyres,
@@ -106,6 +124,39 @@ def run_metadata(config: EncodeConfig, tower: TowerInfo, preprocessing: Preproce
                      **({"key_frames": True, "key_frame_tolerance_s": config.key_frame_tolerance_s}
                         if config.key_frames else {})},
     }
+
+
+def method_outputs(config: EncodeConfig, tower: TowerInfo, preprocessing: Preprocessing) -> list[SinkOutput]:
+    """Where each method of ``config`` writes, with its metadata: the output itself for one method,
+    ``OUT/<method>/`` (`MethodSpec.dirname`) for each of several."""
+    specs = config.methods()
+    if len(specs) == 1:
+        return [SinkOutput(config.output, run_metadata(config, tower, preprocessing, specs[0]))]
+    return [SinkOutput(f"{config.output.rstrip('/')}/{spec.dirname}", run_metadata(config, tower, preprocessing, spec))
+            for spec in specs]
+
+
+def check_layout(output: str, outputs: list[SinkOutput]) -> None:
+    """Refuse to mix the two layouts in one output: one method's files at the top, or a folder per method.
+
+    Raises:
+        ValueError: several methods asked for an output holding one method's files, or one method for an
+            output holding method folders (naming them).
+    """
+    fs, root = filesystem_and_path(output)
+    if len(outputs) > 1:
+        if any(committed_files(fs, root, sub) for sub in ("index", "errors", "shards")):
+            raise ValueError(f"{redact_credentials(output)} holds the output of a single method; several methods "
+                             "write a folder each: use a new --output")
+        return
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        return
+    folders = [info.base_name for info in fs.get_file_info(pafs.FileSelector(root))
+               if info.type == pafs.FileType.Directory
+               and fs.get_file_info(f"{info.path}/manifest.json").type == pafs.FileType.File]
+    if folders:
+        raise ValueError(f"{redact_credentials(output)} holds one folder per method ({', '.join(sorted(folders))}): "
+                         f"to add to one of them alone, give it as --output (e.g. {output.rstrip('/')}/{folders[0]})")
 
 
 def check_output_compatible(output: str, metadata: dict) -> None:
@@ -144,9 +195,10 @@ def _refuse_other_settings(output: str, existing: dict, expected: dict) -> None:
         why = ("\nIt was written by an older version, whose video ids are made another way: the same inputs would "
                "be encoded again under new ids. Use a new --output.")
     elif "schema_version" in differing:
+        reader = "this version" if existing.get("schema_version") in READABLE_VERSIONS else "that version"
         why = (f"\nIt was written by another version (schema {existing.get('schema_version')!r}; this one writes "
-               f"{expected['schema_version']!r}), which this one cannot add to. Use a new --output (that version's "
-               "reader reads the old one).")
+               f"{expected['schema_version']!r}), which this one cannot add to. Use a new --output ({reader} reads "
+               "it).")
     else:
         why = "\nUse a new --output, or the same settings to resume."
     raise ValueError(f"{output} already holds files made with different settings:{lines}{why}")
@@ -180,15 +232,25 @@ def _ensure_ray(config: EncodeConfig) -> None:
         init_ray(address=config.ray_address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
 
 
-def pending_rows(inputs: list[InputItem], state: CommitState) -> list[dict]:
-    """Input rows still to process, each carrying the frames earlier runs committed or recorded as failed.
+def pending_rows(inputs: list[InputItem], states: list[CommitState]) -> list[dict]:
+    """Input rows still to process, one ``states`` entry per method's output, each row carrying the frames
+    no method needs again (committed or recorded as failed in every output: not decoded) and, per method,
+    those only it has (``spec_done``: JSON, a list per method, null where it needs nothing of the input;
+    empty when no method has frames the others lack).
 
-    An input is finished (and not read again) when it failed as a whole, or when every frame its
-    sampling selected is in the shards or the errors (`CommitState.finished`)."""
+    An input is finished for a method (and not read again when it is for all) when it failed as a whole,
+    or when every frame its sampling selected is in the shards or the errors (`CommitState.finished`)."""
     rows = []
     for item in inputs:
-        if state.finished(item.video_id):
+        finished = [state.finished(item.video_id) for state in states]
+        if all(finished):
             continue
+        settled = [None if done else _settled(state, item.video_id) for state, done in zip(states, finished)]
+        open_states = [state for state, done in zip(states, finished) if not done]
+        settled = [None if done else _settled(state, item.video_id) for state, done in zip(states, finished)]
+        skip = set.intersection(*(frames for frames in settled if frames is not None))
+        in_shards = set.intersection(*(set(state.done.get(item.video_id, ())) for state in open_states))
+        only = [None if frames is None else sorted(frames - skip) for frames in settled]
         rows.append(
             {
                 "video_id": item.video_id,
@@ -196,11 +258,17 @@ def pending_rows(inputs: list[InputItem], state: CommitState) -> list[dict]:
                 "path": item.path,
                 "filesystem": item.filesystem,
                 "problem": item.problem,
-                "done_frames": sorted(state.done.get(item.video_id, ())),
-                "failed_frames": sorted(state.failed.get(item.video_id) or ()),
+                "done_frames": sorted(skip & in_shards),
+                "failed_frames": sorted(skip - in_shards),
+                "spec_done": json.dumps(only) if any(frames != [] for frames in only) else "",
             }
         )
     return rows
+
+
+def _settled(state: CommitState, video_id: str) -> set[int]:
+    """Frames of ``video_id`` in ``state``'s shards or error rows."""
+    return set(state.done.get(video_id, ())) | (state.failed.get(video_id) or set())
 
 
 def build_dataset(rows: list[dict], config: EncodeConfig, preprocessing: Preprocessing,
@@ -230,7 +298,8 @@ def build_dataset(rows: list[dict], config: EncodeConfig, preprocessing: Preproc
             .map_batches(
                 encoder_stage,
                 fn_constructor_kwargs={"config": config, "preprocessing": preprocessing, "threads": plan.encoder_threads},
-                batch_size=config.batch_size,
+                # segment rows: whole segments per batch (a temporal method reduces each together)
+                batch_size=max(1, config.batch_size // config.segment_size()),
                 compute=ray.data.ActorPoolStrategy(
                     size=plan.encoders, max_concurrent_calls_per_actor=plan.encoder_calls,
                     enable_true_multi_threading=plan.encoder_calls > 1),
@@ -311,9 +380,11 @@ def run(config: EncodeConfig, encoder_stage: type = EncodeTokens) -> RunSummary:
     except ValueError as error:  # not a tower the job runs, or settings it cannot serve
         raise RunSetupError(str(error)) from error
     preprocessing = config.preprocessing(tower)
-    metadata_ = run_metadata(config, tower, preprocessing)
+    outputs = method_outputs(config, tower, preprocessing)
     try:
-        check_output_compatible(config.output, metadata_)
+        check_layout(config.output, outputs)
+        for target in outputs:
+            check_output_compatible(target.output, target.run_metadata)
         logger.info("listing inputs of %s", redact_credentials(config.input))
         listing = list_inputs(config.input, config.media)
     except (OSError, ValueError) as error:
@@ -333,14 +404,17 @@ def run(config: EncodeConfig, encoder_stage: type = EncodeTokens) -> RunSummary:
     except OSError as error:
         raise RunSetupError(f"cannot write to the output {redact_credentials(config.output)}: {error}") from error
     try:
-        return _run_holding_lease(config, listing, preprocessing, metadata_, run_id, started, lease, encoder_stage)
+        return _run_holding_lease(config, listing, preprocessing, outputs, run_id, started, lease, encoder_stage)
     finally:
         lease.release()
 
 
-def _run_holding_lease(config: EncodeConfig, listing: Listing, preprocessing: Preprocessing, metadata_: dict, run_id: str,
-                       started: float, lease: OutputLease, encoder_stage: type) -> RunSummary:
-    """`run` from the moment the run has an id and holds the output: record, log, encode, record."""
+def _run_holding_lease(config: EncodeConfig, listing: Listing, preprocessing: Preprocessing,
+                       outputs: list[SinkOutput], run_id: str, started: float, lease: OutputLease,
+                       encoder_stage: type) -> RunSummary:
+    """`run` from the moment the run has an id and holds the output: record, log, encode, record. Each
+    method's output gets the run record with its own metadata; the log is the top-level output's."""
+    metadata_ = outputs[0].run_metadata
     record = {
         "run_id": run_id,
         "status": "running",
@@ -355,7 +429,7 @@ def _run_holding_lease(config: EncodeConfig, listing: Listing, preprocessing: Pr
     record["log"] = run_log.path
     try:
         run_log.open()
-        write_run_record(config.output, run_id, record)  # also proves the output can be written
+        _write_records(outputs, run_id, record)  # also proves the outputs can be written
     except (OSError, ValueError) as error:
         run_log.close()
         raise RunSetupError(f"cannot write to the output {redact_credentials(config.output)}: {error}") from error
@@ -371,28 +445,30 @@ def _run_holding_lease(config: EncodeConfig, listing: Listing, preprocessing: Pr
         failures_logged = False
         ray_was_running = ray.is_initialized()
         try:
-            errors_before = error_files(config.output)
+            errors_before = error_files(outputs[0].output)
             _log_listing(listing)
-            summary, config = _encode(config, listing, preprocessing, metadata_, started, run_id, encoder_stage)
-            _merge_index(config.output, run_id)
+            summary, config = _encode(config, listing, preprocessing, outputs, started, run_id, encoder_stage)
+            for target in outputs:
+                _merge_index(target.output, run_id)
             lease.check()
-            _log_failures(config.output, errors_before)
+            _log_failures(outputs[0].output, errors_before)
             failures_logged = True
             for line in summary.lines():
                 logger.info("%s", line)
-            path = write_run_record(config.output, run_id, {
-                **record, "config": recorded_config(config), "status": "completed", "summary": asdict(summary),
-                "finished_at": utc_timestamp(time.time())})
-            logger.info("run record %s", path)
+            for path in _write_records(outputs, run_id, {
+                    **record, "config": recorded_config(config), "status": "completed", "summary": asdict(summary),
+                    "finished_at": utc_timestamp(time.time())}):
+                logger.info("run record %s", path)
         except BaseException as error:
             interrupted = isinstance(error, (KeyboardInterrupt, SystemExit))
             run_log.settle()
             if not ray_was_running and ray.is_initialized():
                 ray.shutdown()  # the Ray this run started: stop its tasks, so none commits after the list below
             if not failures_logged:
-                _log_failures(config.output, errors_before)
+                _log_failures(outputs[0].output, errors_before)
             if not lease.lost:
-                _merge_index(config.output, run_id)
+                for target in outputs:
+                    _merge_index(target.output, run_id)
             if interrupted:
                 logger.error("run %s interrupted (%r)", run_id, error)
             elif isinstance(error, (DamagedOutputError, ResourcesUnavailable)):  # not a fault of the code: no traceback
@@ -400,7 +476,7 @@ def _run_holding_lease(config: EncodeConfig, listing: Listing, preprocessing: Pr
             else:
                 logger.exception("run %s failed: %s", run_id, type(error).__name__)
             try:
-                write_run_record(config.output, run_id, {
+                _write_records(outputs, run_id, {
                     **record, "status": "interrupted" if interrupted else "failed", "error": brief(error),
                     "finished_at": utc_timestamp(time.time())})
             except Exception as record_error:  # noqa: BLE001 - the run's own error is the one to raise
@@ -409,6 +485,12 @@ def _run_holding_lease(config: EncodeConfig, listing: Listing, preprocessing: Pr
                 raise
             raise RunFailed(run_id, run_log.path, error) from error
     return summary
+
+
+def _write_records(outputs: list[SinkOutput], run_id: str, record: dict) -> list[str]:
+    """``record`` into each method's output (`write_run_record`), with that output's metadata."""
+    return [write_run_record(target.output, run_id, {**record, "run_metadata": target.run_metadata})
+            for target in outputs]
 
 
 def _merge_index(output: str, run_id: str) -> None:
@@ -420,27 +502,34 @@ def _merge_index(output: str, run_id: str) -> None:
         logger.warning("cannot merge the index parts of %s (readers read them unmerged): %s", output, brief(error))
 
 
-def _encode(config: EncodeConfig, listing: Listing, preprocessing: Preprocessing, metadata_: dict,
+def _encode(config: EncodeConfig, listing: Listing, preprocessing: Preprocessing, outputs: list[SinkOutput],
             started: float, run_id: str, encoder_stage: type) -> tuple[RunSummary, EncodeConfig]:
-    """Make the output consistent (`prepare_output`), plan against what earlier runs committed, run the
-    graph, and summarise.
+    """Make each method's output consistent (`prepare_output`), plan against what earlier runs committed
+    to each, run the graph, and summarise.
 
     Returns the summary and the config with the encoder device that was chosen filled in."""
-    prepared = prepare_output(config.output, metadata_, config.set_aside_damaged)
-    if prepared.temporaries_removed:
-        logger.info("removed %d temporary files left by an interrupted run", prepared.temporaries_removed)
-    if prepared.adopted:
-        logger.info("committed %d shard(s) an interrupted run wrote but did not index", len(prepared.adopted))
-    for path in prepared.set_aside:
-        logger.warning("set aside damaged %s", path)
+    states = []
+    for target in outputs:
+        prepared = prepare_output(target.output, target.run_metadata, config.set_aside_damaged)
+        where = f" of {redact_credentials(target.output)}" if len(outputs) > 1 else ""
+        if prepared.temporaries_removed:
+            logger.info("removed %d temporary files%s left by an interrupted run", prepared.temporaries_removed, where)
+        if prepared.adopted:
+            logger.info("committed %d shard(s)%s an interrupted run wrote but did not index", len(prepared.adopted),
+                        where)
+        for path in prepared.set_aside:
+            logger.warning("set aside damaged %s", path)
+        states.append(prepared.state)
     inputs = listing.items
-    state = prepared.state
-    rows = pending_rows(inputs, state)
-    _log_plan(inputs, rows, state.failed, config.media)
+    rows = pending_rows(inputs, states)
+    _log_plan(inputs, rows, states[0].failed, config.media)
 
-    # the most views a frame has: the global view and the largest AnyRes grid
+    # the most tokens one row holds, over every method: sizes the write tasks
     views = 1 + max(w * h for w, h in config.pinpoint_list()) // preprocessing.image_size**2 if config.anyres else 1
-    sink = ShardSink(config.output, metadata_, run_id, config.frames_per_shard, int(config.shard_mb * 2**20), views)
+    patches = outputs[0].run_metadata["patch_grid"][0] * outputs[0].run_metadata["patch_grid"][1]
+    most = max(config.segment_frames * patches if spec.temporal else views * ((spec.budget or patches) + 1)
+               for spec in config.methods())
+    sink = ShardSink(outputs, config.output, run_id, config.frames_per_shard, int(config.shard_mb * 2**20), most)
     if rows:
         _ensure_ray(config)
         plan = plan_resources(config.device, config.num_encoders, config.encoder_threads, config.num_decoders,
@@ -451,7 +540,8 @@ def _encode(config: EncodeConfig, listing: Listing, preprocessing: Preprocessing
         # that waits for a free CPU would keep every shard in memory until the end (nothing committed).
         build_dataset(rows, config, preprocessing, listing.filesystems, plan, encoder_stage).write_datasink(
             sink, ray_remote_args={"num_cpus": 0})
-    return summarize_run(listing, rows, state, sink.stats, time.time() - started), config
+    methods = [spec.text for spec in config.methods()]
+    return summarize_run(listing, rows, states, sink.stats, methods, time.time() - started), config
 
 
 def _log_listing(listing: Listing) -> None:
@@ -493,34 +583,41 @@ def _log_failures(output: str, before: set[str]) -> None:
         logger.warning("failed: %s", failure_line(failure))
 
 
-def summarize_run(listing: Listing, rows: list[dict], state: CommitState, stats: WriteStats,
-                  wall_s: float) -> RunSummary:
-    """Count each input once, by what the output holds for it now (earlier runs' commits included)."""
+def summarize_run(listing: Listing, rows: list[dict], states: list[CommitState], stats: list[WriteStats],
+                  methods: list[str], wall_s: float) -> RunSummary:
+    """Count each input once, by what the outputs hold for it now (earlier runs' commits included): an
+    input counts as encoded, failed or skipped by what any method's output holds. Frames: the most any
+    method encoded; rows, tokens and bytes: all methods' together (each method's in ``methods``)."""
     inputs = listing.items
-    touched = stats.encoded_videos | stats.failed_videos
-    with_tokens = set(state.frames) | stats.encoded_videos
-    with_errors = set(state.failed) | stats.failed_videos
-    seen_before = {item.video_id for item in inputs} & (set(state.frames) | set(state.failed))
+    touched = set().union(*(s.encoded_videos | s.failed_videos for s in stats))
+    with_tokens = set().union(*(set(state.frames) | s.encoded_videos for state, s in zip(states, stats)))
+    with_errors = set().union(*(set(state.failed) | s.failed_videos for state, s in zip(states, stats)))
+    failed_before = set().union(*(set(state.failed) for state in states))
+    seen_before = {item.video_id for item in inputs} & set().union(
+        *(set(state.frames) | set(state.failed) for state in states))
     accounted = touched | seen_before
     missing = [row for row in rows if row["video_id"] not in accounted]
     for row in missing:
         logger.error("%s ended in neither shards nor errors (no frame was sampled or decoded)", row["source_path"])
+    frames = max(s.frames for s in stats)
+    rows_written = sum(s.rows for s in stats)
     return RunSummary(
         inputs=len(inputs),
         duplicates=len(listing.duplicates),
         listing_notes=len(listing.notes),
         skipped=len(seen_before - touched),
-        skipped_failed=len((seen_before - touched) & set(state.failed)),
+        skipped_failed=len((seen_before - touched) & failed_before),
         encoded=len(touched - with_errors),
         partly_failed=len(touched & with_tokens & with_errors),
         failed=len(touched & with_errors - with_tokens),
         missing=len(missing),
-        frames=stats.frames,
-        rows=stats.rows,
-        error_rows=stats.error_rows,
-        mean_tokens_per_row=stats.tokens / stats.rows if stats.rows else 0.0,
-        frames_per_s=stats.frames / wall_s if wall_s else 0.0,
-        bytes_written=stats.bytes,
+        frames=frames,
+        rows=rows_written,
+        error_rows=max(s.error_rows for s in stats),
+        mean_tokens_per_row=sum(s.tokens for s in stats) / rows_written if rows_written else 0.0,
+        frames_per_s=frames / wall_s if wall_s else 0.0,
+        bytes_written=sum(s.bytes for s in stats),
         wall_s=wall_s,
+        methods={method: {"rows": s.rows, "frames": s.frames, "tokens": s.tokens, "bytes": s.bytes}
+                 for method, s in zip(methods, stats)} if len(methods) > 1 else {},
     )
-

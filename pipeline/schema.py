@@ -8,28 +8,64 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-SCHEMA_VERSION = "3"  # 2: source_info; 3: whole frames per shard, committed through OUT/index/
+# 2: source_info; 3: whole frames per shard, committed through OUT/index/; 4: what frames each row and each
+# token stands for (rows of temporal methods cover windows of frames)
+SCHEMA_VERSION = "4"
+READABLE_VERSIONS = ("3", "4")  # 1 and 2 had no commit index
 METADATA_KEY = b"video_token_cache"  # file-level key holding the JSON metadata of a shard
 
 
-def shard_schema(hidden_size: int) -> pa.Schema:
-    """One row per frame (or AnyRes tile) of kept tokens."""
-    return pa.schema(
-        [
-            ("video_id", pa.string()),
-            ("source_path", pa.string()),
-            ("frame_index", pa.int32()),
-            ("timestamp_s", pa.float64()),
-            ("tile_index", pa.int16()),
-            ("grid_rows", pa.int16()),
-            ("grid_cols", pa.int16()),
-            ("num_tokens", pa.int32()),
-            ("tokens", pa.list_(pa.list_(pa.float16(), hidden_size))),
-            ("positions", pa.list_(pa.int16())),
-            ("scores", pa.list_(pa.float32())),
-            ("source_info", SOURCE_INFO),
-        ]
-    )
+def shard_schema(hidden_size: int, version: str = SCHEMA_VERSION) -> pa.Schema:
+    """One row per frame (or AnyRes tile) of kept tokens; with a temporal method, one row per window of
+    frames. Version 4 added ``frame_indices``/``timestamps_s`` (the frames the row stands for, in time order;
+    ``frame_index``/``timestamp_s`` are the first of them) and, per token, ``first_frames``/``last_frames``
+    (the first and last frame it stands for). Versions 1-3 lack those four columns (`upgrade_rows`)."""
+    fields = [
+        ("video_id", pa.string()),
+        ("source_path", pa.string()),
+        ("frame_index", pa.int32()),
+        ("timestamp_s", pa.float64()),
+        ("frame_indices", pa.list_(pa.int32())),
+        ("timestamps_s", pa.list_(pa.float64())),
+        ("tile_index", pa.int16()),
+        ("grid_rows", pa.int16()),
+        ("grid_cols", pa.int16()),
+        ("num_tokens", pa.int32()),
+        ("tokens", pa.list_(pa.list_(pa.float16(), hidden_size))),
+        ("positions", pa.list_(pa.int16())),
+        ("scores", pa.list_(pa.float32())),
+        ("first_frames", pa.list_(pa.int32())),
+        ("last_frames", pa.list_(pa.int32())),
+        ("source_info", SOURCE_INFO),
+    ]
+    if int(version) < 4:
+        fields = [(name, type_) for name, type_ in fields if name not in PROVENANCE_COLUMNS]
+    return pa.schema(fields)
+
+
+# The columns version 4 added: the frames each row and each token stand for.
+PROVENANCE_COLUMNS = ("frame_indices", "timestamps_s", "first_frames", "last_frames")
+
+
+def upgrade_rows(table: pa.Table, hidden_size: int) -> pa.Table:
+    """Shard rows of versions 1-3 (one frame per row) in today's schema: each row stands for its own frame,
+    and so does each of its tokens. Today's rows are returned as they are."""
+    if "frame_indices" in table.column_names:
+        return table
+    rows = table.num_rows
+    one = np.ones(rows, dtype=np.int32)
+    frames = table["frame_index"].combine_chunks()
+    counts = table["num_tokens"].to_numpy()
+    per_token = ragged(pc.take(frames, pa.array(np.repeat(np.arange(rows), counts))), counts, pa.int32())
+    columns = {
+        "frame_indices": ragged(frames, one, pa.int32()),
+        "timestamps_s": ragged(table["timestamp_s"].combine_chunks(), one, pa.float64()),
+        "first_frames": per_token,
+        "last_frames": per_token,
+    }
+    schema = shard_schema(hidden_size)
+    return pa.Table.from_arrays([columns[name] if name in columns else table[name] for name in schema.names],
+                                schema=schema)
 
 
 # What the decoder learnt about the input, the same on every row of it. Videos: the video stream decoded
@@ -72,7 +108,10 @@ ERROR_SCHEMA = pa.schema(
 ERROR_COLUMNS = [("error_type", pa.string()), ("error_message", pa.string()), ("failed_frames", pa.list_(pa.int32()))]
 
 # Columns with one value per view (the global view, then the AnyRes tiles); the others are per frame.
-VIEW_COLUMNS = ("tile_index", "num_tokens", "tokens", "positions", "scores")
+VIEW_COLUMNS = ("tile_index", "num_tokens", "tokens", "positions", "scores", "first_frames", "last_frames")
+# Encoded rows: which of the run's methods (`operators.methods.MethodSpec`, by position) made the row;
+# null on an error row, which belongs to every method's output.
+SPEC_COLUMN = ("spec", pa.int16())
 
 
 def encoded_schema(shard: pa.Schema) -> pa.Schema:
@@ -80,7 +119,7 @@ def encoded_schema(shard: pa.Schema) -> pa.Schema:
     that Ray Data, which cuts blocks only between rows, can never put one frame's views into two shard
     files. Failure rows have the token columns null and the error columns set."""
     fields = [pa.field(f.name, pa.list_(f.type)) if f.name in VIEW_COLUMNS else f for f in shard]
-    return pa.schema(fields + [pa.field(name, type_) for name, type_ in ERROR_COLUMNS])
+    return pa.schema(fields + [pa.field(name, type_) for name, type_ in [*ERROR_COLUMNS, SPEC_COLUMN]])
 
 
 def failure_table(rows: dict[str, np.ndarray], encoded: pa.Schema) -> pa.Table:
@@ -95,16 +134,19 @@ def failure_table(rows: dict[str, np.ndarray], encoded: pa.Schema) -> pa.Table:
     return pa.Table.from_pydict(columns, schema=encoded)
 
 
-def split_encoded(table: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """(frame rows without the error columns, error rows in `ERROR_SCHEMA`) of an encoded table."""
+def split_encoded(table: pa.Table, specs: int) -> tuple[list[pa.Table], pa.Table]:
+    """(each of the ``specs`` methods' rows without the error and spec columns, error rows in `ERROR_SCHEMA`)
+    of an encoded table."""
     failed = table.column("error_type").is_valid()
-    frames = table.filter(pc.invert(failed)).drop_columns([name for name, _ in ERROR_COLUMNS])
+    rows = table.filter(pc.invert(failed))
+    dropped = [name for name, _ in [*ERROR_COLUMNS, SPEC_COLUMN]]
+    by_spec = [rows.filter(pc.equal(rows["spec"], spec)).drop_columns(dropped) for spec in range(specs)]
     errors = table.filter(failed)
     errors = pa.Table.from_arrays(
         [errors["video_id"], errors["source_path"], errors["error_type"], errors["error_message"], errors["failed_frames"]],
         schema=ERROR_SCHEMA,
     )
-    return frames, errors
+    return by_spec, errors
 
 
 def frame_token_counts(frames: pa.Table) -> np.ndarray:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from ray.data import Datasink
 from ray.data.block import Block
 from ray.data.datasource.datasink import WriteResult
@@ -49,92 +50,104 @@ class WriteStats:
         self.failed_videos |= other.failed_videos
 
 
-class ShardSink(Datasink[WriteStats]):
-    """Writes ``OUT/shards/*.parquet`` (zstd) with ``OUT/index/`` entries, and ``OUT/errors/*.parquet``,
-    all with the run metadata.
+@dataclass(frozen=True)
+class SinkOutput:
+    """Where one method's rows go: its output directory or URI and what its files record
+    (`pipeline.run.run_metadata`)."""
+
+    output: str
+    run_metadata: dict
+
+
+class ShardSink(Datasink[list[WriteStats]]):
+    """Writes each method's ``shards/*.parquet`` (zstd) with ``index/`` entries, and ``errors/*.parquet``,
+    all with the method's run metadata, into that method's output; error rows go to every output.
 
     Args:
-        output: the output directory or URI.
-        run_metadata: what every file records (`pipeline.run.run_metadata`).
-        run_id: the run whose lease (`pipeline.lease`) must still be held for a shard to be committed.
-        frames_per_shard: most frames per shard file.
-        shard_bytes: most token bytes per shard file (a frame larger than that gets a file of its own).
+        outputs: one per method of the run, in the order of the encoded rows' ``spec``.
+        lease_output: the output whose lease (`pipeline.lease`) ``run_id`` must still hold for a shard to be
+            committed (the top-level output when each method has a folder under it).
+        run_id: the run.
+        frames_per_shard: most rows (frames, or temporal windows) per shard file.
+        shard_bytes: most token bytes per shard file (a row larger than that gets a file of its own).
         max_views: most views a frame has (1, or 1 + the most AnyRes tiles).
+        max_tokens_per_row: most tokens a row can hold over all its views (sizes a write task's memory).
     """
 
-    def __init__(self, output: str, run_metadata: dict, run_id: str, frames_per_shard: int, shard_bytes: int,
-                 max_views: int) -> None:
-        self.output = output
-        self.run_metadata = run_metadata
+    def __init__(self, outputs: list[SinkOutput], lease_output: str, run_id: str, frames_per_shard: int,
+                 shard_bytes: int, max_tokens_per_row: int) -> None:
+        self.outputs = outputs
+        self.lease_output = lease_output
         self.run_id = run_id
         self.frames_per_shard = frames_per_shard
         self.shard_bytes = shard_bytes
-        self.max_views = max_views
-        self.schema = shard_schema(int(run_metadata["hidden_size"]))
-        self.stats = WriteStats()
+        self.max_tokens_per_row = max_tokens_per_row
+        self.schema = shard_schema(int(outputs[0].run_metadata["hidden_size"]))
+        self.stats = [WriteStats() for _ in outputs]
 
     @property
     def min_rows_per_write(self) -> int:
-        """Frames Ray gathers before it calls a write task: ``frames_per_shard``, but no more than fit in
-        ``shard_bytes`` at the largest a frame can be (every view with the fixed budget, or every patch,
-        plus the extra token), so a write task's memory is bounded whatever the reduction keeps."""
-        rows, cols = self.run_metadata["patch_grid"]
-        budget = self.run_metadata["method_params"]["budget"]
-        tokens_per_view = (budget if budget is not None else rows * cols) + 1
-        largest = self.max_views * tokens_per_view * self._bytes_per_token()
+        """Rows Ray gathers before it calls a write task: ``frames_per_shard``, but no more than fit in
+        ``shard_bytes`` at the largest a row can be for every method, so a write task's memory is bounded
+        whatever the reductions keep."""
+        largest = self.max_tokens_per_row * self._bytes_per_token()
         return max(1, min(self.frames_per_shard, self.shard_bytes // largest))
 
     def _bytes_per_token(self) -> int:
-        # fp16 values, int16 position, fp32 score
-        return self.schema.field("tokens").type.value_type.list_size * 2 + 2 + 4
+        # fp16 values, int16 position, fp32 score, two int32 frame numbers
+        return self.schema.field("tokens").type.value_type.list_size * 2 + 2 + 4 + 8
 
     def on_write_start(self, schema: pa.Schema | None = None) -> None:
-        fs, root = filesystem_and_path(self.output)
-        for sub in ("shards", "index", "errors"):
-            fs.create_dir(f"{root}/{sub}", recursive=True)
+        for target in self.outputs:
+            fs, root = filesystem_and_path(target.output)
+            for sub in ("shards", "index", "errors"):
+                fs.create_dir(f"{root}/{sub}", recursive=True)
 
-    def write(self, blocks: Iterable[Block], ctx) -> WriteStats:
+    def write(self, blocks: Iterable[Block], ctx) -> list[WriteStats]:
         tables = [block for block in blocks if block.num_rows]
-        stats = WriteStats()
+        stats = [WriteStats() for _ in self.outputs]
         if not tables:
             return stats
-        frames, errors = split_encoded(pa.concat_tables(tables))
-        fs, root = filesystem_and_path(self.output)
-        anyres = bool(self.run_metadata["preprocessing"]["anyres"])
-        frames = frames.sort_by([("video_id", "ascending"), ("frame_index", "ascending")])
-        for chunk in self._shards(frames):
-            shard = views_of(chunk, self.schema)
-            problems = incomplete_frames(shard, anyres)
-            if problems:  # the encoder emits every view of a frame in its row: a fault of ours
-                raise RuntimeError(f"refusing to commit frames without all their views: {problems[:3]}")
-            commit = commit_shard(fs, root, shard, self.run_metadata, partial(check_held, fs, root, self.run_id))
-            stats.bytes += commit.bytes
-            stats.files += 1
-            stats.rows += shard.num_rows
-            stats.frames += chunk.num_rows
-            stats.tokens += int(sum(commit.index["tokens"].to_pylist()))
-            stats.encoded_videos.update(commit.index["video_id"].to_pylist())
-        if errors.num_rows:
-            stats.bytes += commit_errors(fs, root, errors, self.run_metadata)
-            stats.files += 1
-            stats.error_rows = errors.num_rows
-            stats.failed_videos = set(errors["video_id"].to_pylist())
+        by_spec, errors = split_encoded(pa.concat_tables(tables), len(self.outputs))
+        lease_fs, lease_root = filesystem_and_path(self.lease_output)
+        check_lease = partial(check_held, lease_fs, lease_root, self.run_id)
+        for target, rows, spec_stats in zip(self.outputs, by_spec, stats):
+            fs, root = filesystem_and_path(target.output)
+            anyres = bool(target.run_metadata["preprocessing"]["anyres"])
+            rows = rows.sort_by([("video_id", "ascending"), ("frame_index", "ascending")])
+            for chunk in self._shards(rows):
+                shard = views_of(chunk, self.schema)
+                problems = incomplete_frames(shard, anyres)
+                if problems:  # the encoder emits every view of a frame in its row: a fault of ours
+                    raise RuntimeError(f"refusing to commit frames without all their views: {problems[:3]}")
+                commit = commit_shard(fs, root, shard, target.run_metadata, check_lease)
+                spec_stats.bytes += commit.bytes
+                spec_stats.files += 1
+                spec_stats.rows += shard.num_rows
+                spec_stats.frames += int(pc.sum(pc.list_value_length(chunk["frame_indices"])).as_py())
+                spec_stats.tokens += int(sum(commit.index["tokens"].to_pylist()))
+                spec_stats.encoded_videos.update(commit.index["video_id"].to_pylist())
+            if errors.num_rows:
+                spec_stats.bytes += commit_errors(fs, root, errors, target.run_metadata)
+                spec_stats.files += 1
+                spec_stats.error_rows = errors.num_rows
+                spec_stats.failed_videos = set(errors["video_id"].to_pylist())
         return stats
 
-    def _shards(self, frames: pa.Table) -> Iterator[pa.Table]:
-        """Consecutive runs of ``frames``, each of at most ``frames_per_shard`` frames and ``shard_bytes``
-        token bytes (a larger frame alone)."""
-        sizes = frame_token_counts(frames) * self._bytes_per_token()
+    def _shards(self, rows: pa.Table) -> Iterator[pa.Table]:
+        """Consecutive runs of ``rows``, each of at most ``frames_per_shard`` rows and ``shard_bytes``
+        token bytes (a larger row alone)."""
+        sizes = frame_token_counts(rows) * self._bytes_per_token()
         start, total = 0, 0
         for i, size in enumerate(sizes.tolist()):
             if i > start and (total + size > self.shard_bytes or i - start == self.frames_per_shard):
-                yield frames.slice(start, i - start)
+                yield rows.slice(start, i - start)
                 start, total = i, 0
             total += size
-        if start < frames.num_rows:
-            yield frames.slice(start)
+        if start < rows.num_rows:
+            yield rows.slice(start)
 
-    def on_write_complete(self, write_result: WriteResult[WriteStats]) -> None:
+    def on_write_complete(self, write_result: WriteResult[list[WriteStats]]) -> None:
         for stats in write_result.write_returns:
-            self.stats.add(stats)
-
+            for total, part in zip(self.stats, stats):
+                total.add(part)

@@ -1,10 +1,13 @@
 """The Ray Data stages: one callable class per stage, on rows/batches.
 
-DecodeInputs (CPU actor, one input row → frame rows): fetches a remote input once, then runs
+DecodeInputs (CPU actor, one input row → segment rows): fetches a remote input once, then runs
              `operators.frames.frame_rows` (probe, sample, decode at the model's size, crop/pad or
-             AnyRes-tile) in a child process with a stall limit; each frame row carries
-             ``pixels [T, S, S, 3]`` uint8 (T views: global first) and the input's ``source_info``.
-EncodeTokens (actor, batch of frame rows → Arrow table): the vision tower once plus PruMerge on one device.
+             AnyRes-tile) in a child process with a stall limit; each segment row carries up to
+             ``segment_frames`` consecutive decoded frames of the input (one with per-frame methods only;
+             `EncodeConfig.segment_size`), ``pixels [V, S, S, 3]`` uint8 (their views, each frame's
+             global view first) and the input's ``source_info``.
+EncodeTokens (actor, batch of segment rows → Arrow table): the vision tower once, then every method of
+             the run (`operators.methods`) on one device: one row per frame, or per temporal window, per method.
 
 What the input is to blame for (a `MediaError`, a decoder that hangs, crashes or is killed) becomes a
 row with ``error_type``/``error_message`` set that flows on to the sink's error table. Anything else (a
@@ -29,14 +32,16 @@ import torch
 
 from operators.encode import VisionEncoder
 from operators.frames import FrameRequest, error_row, frame_rows, frame_span
+from operators.methods import ReducedRows, reduce_views
 from operators.preprocess import Preprocessing
-from operators.prumerge import ReducedFrames, prumerge
 from pipeline.child import ChildFailed, ChildProcess
 from pipeline.config import EncodeConfig
 from pipeline.inputs import local_file
 from pipeline.schema import encoded_schema, failure_table, ragged, shard_schema, source_info_array
 
 NO_ERROR = {"error_type": "", "error_message": "", "failed_frames": []}
+# Per-frame lists of a segment row (one entry per frame; ``pixels`` holds all their views).
+FRAME_FIELDS = ("frame_index", "timestamp_s", "grid_rows", "grid_cols", "views")
 
 
 def frame_request(config: EncodeConfig, preprocessing: Preprocessing, path: str, skip_frames=(),
@@ -59,13 +64,16 @@ def frame_request(config: EncodeConfig, preprocessing: Preprocessing, path: str,
 
 class DecodeInputs:
     """Ray actor: input rows (``video_id``, ``source_path``, ``path``, ``filesystem``, ``problem``,
-    ``done_frames``, ``failed_frames``) → frame rows.
+    ``done_frames``, ``failed_frames``, ``spec_done``) → segment rows.
 
     ``preprocessing`` is the tower's (`EncodeConfig.preprocessing`). ``filesystems``
     (`pipeline.inputs.Listing.filesystems`) open each row's ``path``: the filesystem
     that listed an input opens it, with its options (endpoint, region). One child process per actor
     does the decoding; it is killed when it sends nothing for ``config.decode_timeout_s`` and
     restarted for the next input.
+
+    A segment row holds up to ``config.segment_size()`` frames the decoder delivered one after the other;
+    a failure (an error row) ends the segment before it, so no segment spans frames that failed.
     """
 
     def __init__(self, config: EncodeConfig, preprocessing: Preprocessing,
@@ -73,6 +81,7 @@ class DecodeInputs:
         self.config = config
         self.preprocessing = preprocessing
         self.filesystems = filesystems
+        self.segment_size = config.segment_size()
         self.child = ChildProcess(config.decode_timeout_s, preload=("operators.frames",))
 
     def __call__(self, row: dict) -> Iterator[dict]:
@@ -92,6 +101,7 @@ class DecodeInputs:
             request = frame_request(self.config, self.preprocessing, path, skip)
             todo: list[int] | None = None  # frames the child will decode, once it has probed the input
             delivered: set[int] = set()
+            segment: list[dict] = []
             source_info = ""
             try:
                 for item in self.child.run(frame_rows, request):
@@ -100,14 +110,25 @@ class DecodeInputs:
                         todo = item["todo"]
                     elif item["kind"] == "frame":
                         delivered.add(item["frame_index"])
-                        yield self._row(row, item, source_info)
+                        segment.append(item)
+                        if len(segment) == self.segment_size:
+                            yield self._segment(row, segment, source_info)
+                            segment = []
                     else:
+                        if segment:
+                            yield self._segment(row, segment, source_info)
+                            segment = []
                         delivered.update(item["failed_frames"])
                         yield self._failed(row, item)
             except ChildFailed as failure:
+                if segment:  # delivered before the decoder hung or died: encoded
+                    yield self._segment(row, segment, source_info)
+                    segment = []
                 lost = self._lost(failure, todo, delivered)
                 if lost is not None:
                     yield self._failed(row, lost)
+            if segment:
+                yield self._segment(row, segment, source_info)
 
     @staticmethod
     def _lost(failure: ChildFailed, todo: list[int] | None, delivered: set[int]) -> dict | None:
@@ -120,30 +141,30 @@ class DecodeInputs:
             return None
         return error_row(error_type, f"{frame_span(lost)} not decoded: {failure.reason}", lost)
 
-    def _row(self, row: dict, item: dict, source_info: str) -> dict:
+    def _segment(self, row: dict, frames: list[dict], source_info: str) -> dict:
         return {
             "video_id": row["video_id"],
             "source_path": row["source_path"],
-            "frame_index": int(item["frame_index"]),
-            "timestamp_s": float(item["timestamp_s"]),
-            "grid_rows": item["grid_rows"],
-            "grid_cols": item["grid_cols"],
-            "pixels": item["pixels"],  # [T, S, S, 3] uint8, global view first
+            "frame_index": [int(f["frame_index"]) for f in frames],
+            "timestamp_s": [float(f["timestamp_s"]) for f in frames],
+            "grid_rows": [int(f["grid_rows"]) for f in frames],
+            "grid_cols": [int(f["grid_cols"]) for f in frames],
+            "views": [len(f["pixels"]) for f in frames],
+            "pixels": np.concatenate([f["pixels"] for f in frames]),  # [V, S, S, 3] uint8, global view first
             "source_info": source_info,
+            "spec_done": row["spec_done"],
             **NO_ERROR,
         }
 
     def _failed(self, row: dict, error: dict) -> dict:
-        """A frame row standing for a failure: no pixels, the error columns set."""
+        """A segment row standing for a failure: no frames, no pixels, the error columns set."""
         return {
             "video_id": row["video_id"],
             "source_path": row["source_path"],
-            "frame_index": -1,
-            "timestamp_s": 0.0,
-            "grid_rows": 0,
-            "grid_cols": 0,
+            **{name: [] for name in FRAME_FIELDS},
             "pixels": np.zeros((0, self.preprocessing.image_size, self.preprocessing.image_size, 3), np.uint8),
             "source_info": "",
+            "spec_done": row["spec_done"],
             "error_type": error["error_type"],
             "error_message": error["error_message"],
             "failed_frames": list(error["failed_frames"]),
@@ -154,7 +175,8 @@ class DecodeInputs:
 
 
 class EncodeTokens:
-    """Ray actor: loads the tower once, then the tower once + PruMerge per batch, on the same device.
+    """Ray actor: loads the tower once, then per batch the tower once and every method of the run, on the
+    same device.
 
     ``config`` is resolved by `EncodeConfig.for_tower`; ``preprocessing`` normalises the views (its mean/std).
     `reduce` is the device work; the rest (splitting a batch, building its Arrow table) is host work that a
@@ -165,6 +187,7 @@ class EncodeTokens:
         if threads:  # what the run's plan gives a CPU encoder (`pipeline.resources`); None on a GPU
             torch.set_num_threads(threads)
         self.config = config
+        self.specs = config.methods()
         started = time.monotonic()
         self.encoder = VisionEncoder(
             config.model,
@@ -183,8 +206,8 @@ class EncodeTokens:
               flush=True)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        """Frame rows → one row per frame (its views' tokens in lists) plus one row per failure (error
-        columns set); see `pipeline.schema.encoded_schema`."""
+        """Segment rows → per method, one row per frame or temporal window (views' tokens in lists), plus one
+        row per failure (error columns set); see `pipeline.schema.encoded_schema`."""
         failed = np.array([bool(t) for t in batch["error_type"]], dtype=bool)
         tables = [self._encode({key: values[~failed] for key, values in batch.items()})] if (~failed).any() else []
         if failed.any():
@@ -192,45 +215,92 @@ class EncodeTokens:
         return pa.concat_tables(tables) if tables else self.schema.empty_table()
 
     @torch.inference_mode()
-    def reduce(self, images: torch.Tensor) -> ReducedFrames:
-        """``images [V, S, S, 3]`` uint8 views (host memory) → their reduced tokens: one tower forward, then
-        PruMerge, on the encoder's device."""
+    def reduce(self, images: torch.Tensor, view_frames: list[int], todo: list[list[int]]) -> list[ReducedRows]:
+        """``images [V, S, S, 3]`` uint8 views (host memory) → each method's rows: one tower forward, then the
+        methods, on the encoder's device. ``view_frames[v]`` is view v's frame in the batch; ``todo[m]`` the
+        segments (lists of consecutive batch frames of one video) method m still needs."""
         if self.encoder.device.type == "cuda":
             images = images.pin_memory()
         images = images.to(self.encoder.device, non_blocking=True)
         out = self.encoder(self.preprocessing.normalize(images))
-        return prumerge(
-            out.features, out.keys, out.importance,
-            mode=self.config.method, budget=self.config.budget, k_neighbors=self.config.k_neighbors,
-        )
+        results = []
+        for spec, segments in zip(self.specs, todo):
+            if not segments:  # an earlier run committed all of this batch for this method
+                results.append(ReducedRows([], [], [], [], [], [], []))
+                continue
+            wanted = {frame for segment in segments for frame in segment}
+            views = [v for v, frame in enumerate(view_frames) if frame in wanted]
+            if len(views) == len(view_frames):
+                kept = slice(None)
+            else:  # frames an earlier run committed for this method only: not reduced again
+                kept = torch.tensor(views, dtype=torch.int64, device=out.features.device)
+            results.append(reduce_views(spec, out.features[kept], out.keys[kept], out.importance[kept],
+                                        [view_frames[v] for v in views], segments, self.config.k_neighbors))
+        return results
 
-    def _encode(self, frames: dict[str, np.ndarray]) -> pa.Table:
-        views = [np.asarray(pixels) for pixels in frames["pixels"]]  # each [T_i, S, S, 3] uint8
-        counts = np.array([len(v) for v in views])
-        reduced = self.reduce(torch.from_numpy(np.concatenate(views)))  # [sum T] views
-        # One device-to-host copy per column for the whole batch.
-        num_tokens = np.array(reduced.num_tokens)  # [sum T]
-        tokens = torch.cat(reduced.tokens).to(torch.float16).cpu().numpy()  # [sum n_i, C]
-        positions = torch.cat(reduced.positions).cpu().numpy().astype(np.int16)  # [sum n_i]
-        scores = torch.cat(reduced.scores).cpu().numpy()  # [sum n_i]
+    def _encode(self, rows: dict[str, np.ndarray]) -> pa.Table:
+        lengths = [len(indices) for indices in rows["frame_index"]]  # frames of each segment row
+        frames = {name: np.concatenate([np.asarray(v) for v in rows[name]]) for name in FRAME_FIELDS}  # [F] each
+        frames["row"] = np.repeat(np.arange(len(lengths)), lengths)  # [F]: the segment row of each frame
+        view_frames = np.repeat(np.arange(len(frames["row"])), frames["views"]).tolist()  # [V]
+        starts = np.cumsum([0, *lengths])
+        # per method, the batch's frames it still needs, one list per segment row (`pipeline.run.pending_rows`:
+        # ``spec_done`` names, per method, frames only it has, or null when it has the whole input)
+        done = [json.loads(text) if text else [[]] * len(self.specs) for text in rows["spec_done"]]
+        todo = []
+        for spec in range(len(self.specs)):
+            segments = []
+            for r, indices in enumerate(rows["frame_index"]):
+                if done[r][spec] is None:
+                    continue
+                skip = set(done[r][spec])
+                segment = [int(starts[r]) + i for i, f in enumerate(indices) if int(f) not in skip]
+                if segment:
+                    segments.append(segment)
+            todo.append(segments)
+        reduced = self.reduce(torch.from_numpy(np.concatenate(list(rows["pixels"]))), view_frames, todo)
+        tables = [self._rows(spec, result, rows, frames) for spec, result in enumerate(reduced) if result.row_frames]
+        return pa.concat_tables(tables) if tables else self.schema.empty_table()
 
-        def per_frame(view_values: pa.Array) -> pa.ListArray:
-            """Group the per-view values into one list per frame (``counts[i]`` views each)."""
+    def _rows(self, spec: int, reduced: ReducedRows, rows: dict[str, np.ndarray],
+              frames: dict[str, np.ndarray]) -> pa.Table:
+        """One method's rows as an Arrow table in the encoded schema (one device-to-host copy per column).
+        ``frames`` holds the batch's per-frame values (`FRAME_FIELDS`, and ``row``: its segment row)."""
+        counts = np.array(reduced.row_views)  # views per output row
+        num_tokens = np.array(reduced.num_tokens)  # [sum views]
+        tokens = torch.cat(reduced.tokens).to(torch.float16).cpu().numpy()  # [sum n, C]
+        positions = torch.cat(reduced.positions).cpu().numpy().astype(np.int16)  # [sum n]
+        scores = torch.cat(reduced.scores).float().cpu().numpy()  # [sum n]
+        numbers = frames["frame_index"].astype(np.int32)
+        first = numbers[torch.cat(reduced.first_frames).cpu().numpy()]  # [sum n] source frame numbers
+        last = numbers[torch.cat(reduced.last_frames).cpu().numpy()]
+        covered = np.concatenate(reduced.row_frames)  # batch frames of each output row, row after row
+        sizes = np.array([len(f) for f in reduced.row_frames])
+        heads = np.array([f[0] for f in reduced.row_frames])  # each output row's first frame
+        source = frames["row"][heads]  # the segment row it came from
+
+        def per_row(view_values: pa.Array) -> pa.ListArray:
+            """Group the per-view values into one list per output row (``counts[i]`` views each)."""
             return ragged(view_values, counts, view_values.type)
 
         columns = {
-            "video_id": pa.array(frames["video_id"], pa.string()),
-            "source_path": pa.array(frames["source_path"], pa.string()),
-            "frame_index": pa.array(frames["frame_index"], pa.int32()),
-            "timestamp_s": pa.array(frames["timestamp_s"], pa.float64()),
-            "tile_index": per_frame(pa.array(np.concatenate([np.arange(-1, n - 1) for n in counts]), pa.int16())),
-            "grid_rows": pa.array(frames["grid_rows"], pa.int16()),
-            "grid_cols": pa.array(frames["grid_cols"], pa.int16()),
-            "num_tokens": per_frame(pa.array(num_tokens, pa.int32())),
-            "tokens": per_frame(ragged(tokens, num_tokens, self.schema.field("tokens").type.value_type.value_type)),
-            "positions": per_frame(ragged(positions, num_tokens, pa.int16())),
-            "scores": per_frame(ragged(scores, num_tokens, pa.float32())),
-            "source_info": source_info_array([json.loads(info) for info in frames["source_info"]]),
+            "video_id": pa.array(rows["video_id"][source], pa.string()),
+            "source_path": pa.array(rows["source_path"][source], pa.string()),
+            "frame_index": pa.array(numbers[heads], pa.int32()),
+            "timestamp_s": pa.array(frames["timestamp_s"][heads], pa.float64()),
+            "frame_indices": ragged(numbers[covered], sizes, pa.int32()),
+            "timestamps_s": ragged(frames["timestamp_s"][covered].astype(np.float64), sizes, pa.float64()),
+            "tile_index": per_row(pa.array(np.concatenate([np.arange(-1, n - 1) for n in counts]), pa.int16())),
+            "grid_rows": pa.array(frames["grid_rows"][heads], pa.int16()),
+            "grid_cols": pa.array(frames["grid_cols"][heads], pa.int16()),
+            "num_tokens": per_row(pa.array(num_tokens, pa.int32())),
+            "tokens": per_row(ragged(tokens, num_tokens, self.schema.field("tokens").type.value_type.value_type)),
+            "positions": per_row(ragged(positions, num_tokens, pa.int16())),
+            "scores": per_row(ragged(scores, num_tokens, pa.float32())),
+            "first_frames": per_row(ragged(first, num_tokens, pa.int32())),
+            "last_frames": per_row(ragged(last, num_tokens, pa.int32())),
+            "source_info": source_info_array([json.loads(info) for info in rows["source_info"][source]]),
+            "spec": pa.array(np.full(len(heads), spec), pa.int16()),
         }
-        errors = {f.name: pa.nulls(len(counts), f.type) for f in self.schema if f.name not in columns}  # unset
+        errors = {f.name: pa.nulls(len(heads), f.type) for f in self.schema if f.name not in columns}  # unset
         return pa.Table.from_pydict({**columns, **errors}, schema=self.schema)

@@ -31,6 +31,7 @@ from pipeline.lease import LeaseLost, OutputLease, check_held
 from pipeline.reader import ShardFormatError, TokenReader
 from pipeline.run import OutputBusy, RunFailed, RunSetupError, run
 from pipeline.schema import ERROR_SCHEMA, METADATA_KEY, expected_tiles
+from damage import flip_byte, inside_tokens_page
 from media import decode_frame, video
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,21 +161,6 @@ def test_a_lost_index_and_a_stale_copy_of_a_committed_shard_are_healed_without_d
     names = sorted(p.name for p in (output / "shards").glob("*.parquet"))
     assert names == sorted(p.name for p in (original / "shards").glob("*.parquet")), "the copy was deleted"
     assert shard_rows(output).equals(shard_rows(original))
-
-
-def flip_byte(path: Path, offset: int) -> None:
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
-def inside_tokens_page(path: Path) -> int:
-    """An offset inside the compressed data of the tokens column's last page (a page header, statistics or an
-    unused footer byte may be damaged without changing what is read; page data never is)."""
-    metadata = pq.read_metadata(path)
-    [chunk] = [metadata.row_group(0).column(i) for i in range(metadata.num_columns)
-               if metadata.row_group(0).column(i).path_in_schema.startswith("tokens.")]
-    return (chunk.dictionary_page_offset or chunk.data_page_offset) + chunk.total_compressed_size - 2
 
 
 def test_a_footer_whose_column_name_no_longer_decodes_is_named_damaged(reference, tmp_path, tiny_clip_dir):

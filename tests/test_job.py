@@ -103,7 +103,7 @@ def test_every_input_lands_in_shards_or_errors(tmp_path, tiny_clip_dir, ray_loca
     assert parquet.schema_arrow.remove_metadata() == shard_schema(32)
     assert parquet.metadata.row_group(0).column(0).compression == "ZSTD"
     meta = read_file_metadata(parquet.schema_arrow)
-    assert meta["schema_version"] == "3" and meta["model"] == str(tiny_clip_dir) and meta["media"] == "video"
+    assert meta["schema_version"] == "4" and meta["model"] == str(tiny_clip_dir) and meta["media"] == "video"
     assert (meta["layer"], meta["method"], meta["hidden_size"], meta["patch_grid"]) == (-2, "prumerge", 32, [24, 24])
     assert pq.read_schema(next((output / "errors").glob("*.parquet"))).remove_metadata() == ERROR_SCHEMA
 
