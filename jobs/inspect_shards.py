@@ -5,9 +5,13 @@
     python jobs/inspect_shards.py OUT --video ID --png kept.png --max-frames 12
 
 The summary lists the failed inputs and frames with their reasons; an output whose every input failed
-(no shards) is summarised too. Exit status: 0 when the summary (and the picture) was made, 2 when OUT
-is not an output this reader can open or holds no tokens for the video to draw, 4 when a committed
-file cannot be read back whole (named), 1 when the picture cannot be made.
+(no shards) is summarised too. For a temporal method (holitom, a row per temporal window) it counts
+windows and source frames, and the picture draws source frames with each window's static tokens
+outlined (in their own colour) on every frame of the window.
+
+Exit status: 0 when the summary (and the picture) was made, 2 when OUT is not an output this reader can
+open or holds no tokens for the video to draw, 4 when a committed file cannot be read back whole
+(named), 1 when the picture cannot be made.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ def main() -> int:
     parser.add_argument("output", help="the --output directory of an encoding run")
     parser.add_argument("--video", help="video_id to draw (default: the first video in the shards)")
     parser.add_argument("--png", help="write the picture of --video to this PNG file")
-    parser.add_argument("--max-frames", type=int, default=8, help="frames drawn, spread uniformly over the video")
+    parser.add_argument("--max-frames", type=int, default=8, help="frames drawn, spread uniformly over the video "
+                        "(temporal outputs: source frames, over all the frames the windows cover)")
     parser.add_argument("--panel", type=int, default=256, help="pixels per drawn view")
     args = parser.parse_args()
     try:

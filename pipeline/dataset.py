@@ -3,6 +3,10 @@
 `TokenDataset` is map-style (random access through `TokenReader`); `TokenIterableDataset` streams
 videos in storage order, split across `DataLoader` workers and distributed ranks, so each worker
 reads its own row groups once. `collate_tokens` pads a batch to its longest sequence.
+
+Temporal outputs (``holitom``, a row per temporal window): budgets count source frames and cut windows
+(`select_frames`), sequences run over the source frames (`pipeline.sequence`), and a sample's
+``last_frame`` says how far each token reaches.
 """
 
 from __future__ import annotations
@@ -17,16 +21,53 @@ import torch.distributed as dist
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from operators.sampling import uniform_indices
-from pipeline.reader import TokenReader, VideoTokens, View
+from pipeline.reader import Frame, TokenReader, VideoTokens, View
 from pipeline.sequence import SequenceLayout, llava_sequence
 
 
 def select_frames(video: VideoTokens, max_frames: int) -> VideoTokens:
-    """At most ``max_frames`` frames, spread uniformly over the video (first and last kept)."""
-    if video.num_frames <= max_frames:
+    """At most ``max_frames`` source frames, spread uniformly over the video (first and last kept).
+
+    Per-frame outputs: the rows of those frames. Temporal outputs (``holitom``, rows are windows of
+    frames): the same uniform choice over the source frames the rows cover, so the frames kept are the
+    ones a per-frame output of the same sampling keeps, and each window is cut to its kept frames: a
+    token stays when one of the frames it stands for is kept, its first/last frame narrowed to the
+    kept ones (a static token stands for each frame of its window, so it still stands for the kept
+    ones, and sits with the first kept one); a window none of whose frames is kept goes. Keeping whole
+    windows instead could not meet the budget when one window is longer than ``max_frames`` (a static
+    shot is one window of up to ``segment_frames`` frames) and would favour short windows over time
+    coverage."""
+    covered = [(r, k) for r, frame in enumerate(video.frames) for k in range(len(frame.frame_indices))]
+    if len(covered) <= max_frames:
         return video
-    keep = uniform_indices(video.num_frames, max_frames)
-    return dataclasses.replace(video, frames=tuple(video.frames[i] for i in keep))
+    chosen = [covered[i] for i in uniform_indices(len(covered), max_frames)]
+    if all(len(frame.frame_indices) == 1 for frame in video.frames):
+        return dataclasses.replace(video, frames=tuple(video.frames[r] for r, _ in chosen))
+    kept: dict[int, list[int]] = {}
+    for r, k in chosen:
+        kept.setdefault(r, []).append(k)
+    frames = tuple(video.frames[r] if len(ks) == len(video.frames[r].frame_indices)
+                   else _cut_window(video.frames[r], ks) for r, ks in kept.items())
+    return dataclasses.replace(video, frames=frames)
+
+
+def _cut_window(frame: Frame, kept: list[int]) -> Frame:
+    """``frame`` (a window) standing for its frames ``kept`` (positions in ``frame_indices``, ascending) only."""
+    numbers = [frame.frame_indices[k] for k in kept]
+    times = [frame.timestamps[k] for k in kept]
+    wanted = np.asarray(numbers, dtype=np.int64)  # ascending, like the window's frames
+    views = []
+    for view in frame.views:
+        first, last = view.first_frames.numpy(), view.last_frames.numpy()
+        lo = np.searchsorted(wanted, first, side="left")  # the first kept frame at or after the token's first
+        hi = np.searchsorted(wanted, last, side="right") - 1  # the last kept frame at or before its last
+        mask = lo <= hi  # the token stands for at least one kept frame
+        keep = torch.from_numpy(mask)
+        views.append(View(view.tile_index, view.tokens[keep], view.positions[keep], view.scores[keep],
+                          torch.from_numpy(wanted[lo[mask]].astype(np.int32)),
+                          torch.from_numpy(wanted[hi[mask]].astype(np.int32))))
+    return dataclasses.replace(frame, frame_index=numbers[0], timestamp_s=times[0], global_view=views[0],
+                               tiles=tuple(views[1:]), frame_indices=tuple(numbers), timestamps=tuple(times))
 
 
 def cap_tokens(video: VideoTokens, max_tokens: int) -> VideoTokens:
@@ -45,7 +86,8 @@ def cap_tokens(video: VideoTokens, max_tokens: int) -> VideoTokens:
         views = []
         for view in frame.views:
             mask = keep[start : start + view.num_tokens]
-            views.append(View(view.tile_index, view.tokens[mask], view.positions[mask], view.scores[mask]))
+            views.append(View(view.tile_index, view.tokens[mask], view.positions[mask], view.scores[mask],
+                              view.first_frames[mask], view.last_frames[mask]))
             start += view.num_tokens
         frames.append(dataclasses.replace(frame, global_view=views[0], tiles=tuple(views[1:])))
     return dataclasses.replace(video, frames=tuple(frames))
@@ -53,7 +95,8 @@ def cap_tokens(video: VideoTokens, max_tokens: int) -> VideoTokens:
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
-    """Per-video limits, applied in this order: frames (uniform subsampling), then tokens (by score)."""
+    """Per-video limits, applied in this order: frames (uniform subsampling of the source frames, `select_frames`;
+    temporal outputs' windows are cut to the kept frames), then tokens (by score, `cap_tokens`)."""
 
     max_frames: int | None = None
     max_tokens: int | None = None
@@ -159,9 +202,10 @@ def collate_tokens(samples: list[dict]) -> dict:
     """Pad samples to the batch's longest sequence (``L``) and most frames (``F``).
 
     Returns ``tokens [B, L, C]`` (zeros past the end), ``attention_mask [B, L]`` (True on real
-    positions, separators included), ``is_separator``/``frame``/``tile``/``position``/``score`` ``[B, L]``
-    (padding: False/-1/-1/-1/0), ``lengths [B]``, ``timestamps_s``/``frame_index`` ``[B, F]``
-    (padding NaN/-1), ``frame_mask [B, F]`` and ``video_id`` (list of B strings).
+    positions, separators included), ``is_separator``/``frame``/``last_frame``/``tile``/``position``/``score``
+    ``[B, L]`` (padding: False/-1/-1/-1/-1/0), ``lengths [B]``, ``timestamps_s``/``frame_index`` ``[B, F]``
+    (padding NaN/-1; F counts source frames, also for temporal outputs), ``frame_mask [B, F]`` and
+    ``video_id`` (list of B strings).
     """
     lengths = torch.tensor([len(s["is_separator"]) for s in samples])
     num_frames = torch.tensor([len(s["frame_index"]) for s in samples])
@@ -180,6 +224,7 @@ def collate_tokens(samples: list[dict]) -> dict:
         "attention_mask": torch.arange(longest)[None, :] < lengths[:, None],
         "is_separator": pad("is_separator", False, longest),
         "frame": pad("frame", -1, longest),
+        "last_frame": pad("last_frame", -1, longest),
         "tile": pad("tile", -1, longest),
         "position": pad("position", -1, longest),
         "score": pad("score", 0.0, longest),

@@ -9,6 +9,20 @@ language model's projector, so the sequence marks where they go (``is_separator`
 ``order="spatial"`` (default) keeps tokens in patch raster order; ``order="score"`` reproduces the
 published PruMerge order for checkpoints trained with it: descending importance score, the
 merged extra token last, tiles concatenated in grid order.
+
+Temporal outputs (``holitom``: a row is a temporal window of several source frames, see
+`pipeline.reader.Frame`): the sequence runs over the source frames, not the rows. Each token sits with
+the first source frame it stands for, so within a window the order is HoliTom's: by (first frame,
+patch position), a static token (one for all the window's frames) with the window's first frame, next
+to that frame's own tokens; each token keeps its original patch position (``position``). The frame
+separator goes after each source frame's tokens, also after a frame left with none of its own (every
+token of a fully static window sits with its first frame), so there is one separator per source
+frame. ``frame`` is the ordinal of the first source frame a token stands for and ``last_frame`` of the
+last (``timestamps_s[frame]`` .. ``timestamps_s[last_frame]`` is its span; a static token's
+``last_frame > frame``); ``timestamps_s``/``frame_index`` list every source frame the rows cover, in
+time order. ``order="score"`` orders each source frame's tokens by descending score instead. A
+temporal row holds one view (HoliTom reduces global views only). Per-frame outputs are laid out as
+before; there ``last_frame == frame``.
 """
 
 from __future__ import annotations
@@ -43,35 +57,99 @@ class TokenSequence:
 
     tokens: torch.Tensor  # [N, C] float16; zero rows where is_separator
     is_separator: torch.Tensor  # [N] bool: the model puts its separator/newline embedding here
-    frame: torch.Tensor  # [N] int32: ordinal (0..F-1) of the frame a position belongs to or closes
+    frame: torch.Tensor  # [N] int32: ordinal (0..F-1) of the (first) source frame a position belongs to or closes
     tile: torch.Tensor  # [N] int16: -1 global view, 0.. AnyRes tile (separators: -1)
     position: torch.Tensor  # [N] int16: patch index within its view; -1 merged extra token or separator
     score: torch.Tensor  # [N] float32: importance score (separators: 0)
-    timestamps_s: torch.Tensor  # [F] float64: presentation time of each frame
+    timestamps_s: torch.Tensor  # [F] float64: presentation time of each source frame
     frame_index: torch.Tensor  # [F] int64: frame number in the source video
+    # [N] int32: ordinal of the last source frame a position stands for (>= frame; temporal outputs'
+    # static tokens span several frames; elsewhere == frame). Default: ``frame``.
+    last_frame: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.last_frame is None:
+            object.__setattr__(self, "last_frame", self.frame.clone())
 
     def __len__(self) -> int:
         return len(self.is_separator)
 
 
 def llava_sequence(video: VideoTokens, layout: SequenceLayout = SequenceLayout()) -> TokenSequence:
-    """``video``'s frames concatenated in time order, laid out by ``layout`` (see the module docstring)."""
+    """``video``'s frames concatenated in time order, laid out by ``layout`` (see the module docstring).
+
+    Raises:
+        ValueError: the video has no frames; a source frame is covered by two rows; a token stands for
+            frames its row does not cover (or ends before it starts); a row covering several frames has tiles.
+    """
     patch_grid = tuple(video.metadata["patch_grid"])
     hidden = int(video.metadata["hidden_size"])
-    parts = [_frame_sequence(frame, f, patch_grid, hidden, layout) for f, frame in enumerate(video.frames)]
-    if not parts:
+    if not video.frames:
         raise ValueError(f"{video.video_id} has no frames")
+    numbers = [number for frame in video.frames for number in frame.frame_indices]
+    ordinal = {number: k for k, number in enumerate(numbers)}
+    if len(ordinal) != len(numbers):
+        raise ValueError(f"{video.video_id}: rows cover a source frame twice: {numbers}")
+    parts = []
+    for frame in video.frames:
+        _check_spans(video.video_id, frame)
+        if len(frame.frame_indices) == 1:
+            parts.append(_frame_sequence(frame, ordinal[frame.frame_indices[0]], patch_grid, hidden, layout))
+        else:
+            parts.append(_window_sequence(video.video_id, frame, ordinal, hidden, layout))
+    tokens, is_separator, first, last, tile, position, score = (torch.cat(column) for column in zip(*parts))
     return TokenSequence(
-        *(torch.cat(column) for column in zip(*parts)),
-        timestamps_s=video.timestamps_s,
-        frame_index=torch.tensor([frame.frame_index for frame in video.frames], dtype=torch.int64),
+        tokens=tokens, is_separator=is_separator, frame=first, tile=tile, position=position, score=score,
+        timestamps_s=torch.tensor([t for frame in video.frames for t in frame.timestamps], dtype=torch.float64),
+        frame_index=torch.tensor(numbers, dtype=torch.int64),
+        last_frame=last,
     )
+
+
+def _check_spans(video_id: str, frame: Frame) -> None:
+    """Every token of ``frame`` stands for frames the row covers, first <= last."""
+    covered = np.asarray(frame.frame_indices)
+    for view in frame.views:
+        first, last = view.first_frames.numpy(), view.last_frames.numpy()
+        if not (np.isin(first, covered).all() and np.isin(last, covered).all() and (first <= last).all()):
+            raise ValueError(f"{video_id} row of frame {frame.frame_index}: tokens stand for frames "
+                             f"{sorted(set(first.tolist()) | set(last.tolist()))} (first <= last), the row "
+                             f"covers {list(frame.frame_indices)}")
+
+
+def _window_sequence(
+    video_id: str, frame: Frame, ordinal: dict[int, int], hidden: int, layout: SequenceLayout
+) -> tuple[torch.Tensor, ...]:
+    """(tokens, is_separator, frame, last_frame, tile, position, score) of one temporal row: per source
+    frame, the tokens whose first frame it is (by position, or by score), then its separator."""
+    if frame.tiles:
+        raise ValueError(f"{video_id} row of frames {list(frame.frame_indices)}: a row covering several frames "
+                         "holds one view; it has tiles")
+    view = frame.global_view
+    tokens = torch.cat([view.tokens, torch.zeros(1, hidden, dtype=torch.float16)])  # [M+1, C]; row M: separator
+    separator = len(tokens) - 1
+    first, last = view.first_frames.numpy(), view.last_frames.numpy()
+    positions, scores = view.positions.numpy(), view.scores.numpy()
+    order, first_ordinal, last_ordinal = [], [], []
+    for number in frame.frame_indices:
+        rows = np.flatnonzero(first == number)
+        rows = rows[_order(positions[rows], scores[rows], layout.order)]
+        closed = [separator] if layout.frame_separator else []
+        order.append(np.concatenate([rows, np.array(closed, dtype=np.int64)]))
+        first_ordinal += [ordinal[number]] * (len(rows) + len(closed))
+        last_ordinal += [ordinal[n] for n in last[rows].tolist()] + [ordinal[number]] * len(closed)
+    index = torch.from_numpy(np.concatenate(order))  # [N_row] rows of the buffer
+    position = torch.cat([view.positions, torch.tensor([-1], dtype=torch.int16)])
+    score = torch.cat([view.scores, torch.tensor([0.0])])
+    return (tokens[index], index == separator, torch.tensor(first_ordinal, dtype=torch.int32),
+            torch.tensor(last_ordinal, dtype=torch.int32), torch.full((len(index),), -1, dtype=torch.int16),
+            position[index], score[index])
 
 
 def _frame_sequence(
     frame: Frame, ordinal: int, patch_grid: tuple[int, int], hidden: int, layout: SequenceLayout
 ) -> tuple[torch.Tensor, ...]:
-    """(tokens, is_separator, frame, tile, position, score) of one frame, laid out."""
+    """(tokens, is_separator, frame, last_frame, tile, position, score) of one frame, laid out."""
     views = frame.views
     # The frame's views in one buffer of M rows, plus row M: what a separator position holds.
     tokens = torch.cat([*(v.tokens for v in views), torch.zeros(1, hidden, dtype=torch.float16)])  # [M+1, C]
@@ -89,18 +167,23 @@ def _frame_sequence(
         order.append(np.array([separator]))
     index = torch.from_numpy(np.concatenate(order))  # [N_frame] rows of the buffer
     is_separator = index == separator
-    return (tokens[index], is_separator, torch.full((len(index),), ordinal, dtype=torch.int32), tile[index],
-            position[index], score[index])
+    frame_ordinal = torch.full((len(index),), ordinal, dtype=torch.int32)
+    return (tokens[index], is_separator, frame_ordinal, frame_ordinal.clone(), tile[index], position[index],
+            score[index])
 
 
 def _view_order(view: View, order: Order) -> np.ndarray:
     """Row order of one view's tokens: raster or descending score; merged extra tokens (-1) last."""
-    positions = view.positions.numpy().astype(np.int64)
+    return _order(view.positions.numpy(), view.scores.numpy(), order)
+
+
+def _order(positions: np.ndarray, scores: np.ndarray, order: Order) -> np.ndarray:
+    """Order of tokens with these positions and scores: raster or descending score; extra tokens (-1) last."""
+    positions = positions.astype(np.int64)
     extra = positions < 0
     if order == "spatial":
         key = np.where(extra, np.iinfo(np.int64).max, positions)
         return np.argsort(key, kind="stable")
-    scores = view.scores.numpy()
     return np.lexsort((-scores, extra))  # primary: real before extra; then descending score
 
 
