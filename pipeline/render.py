@@ -104,6 +104,20 @@ def frame_cell(frame: Frame, views: np.ndarray, grid: tuple[int, int], patch: in
     return both
 
 
+def _axes(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], times: tuple[float, float], top_count: int,
+          captions: list[str]) -> None:
+    """A plot's axes in ``box`` (left, top, right, bottom): counts 0..``top_count`` up, ``times`` (s) across,
+    and a caption line per entry above."""
+    left, top, right, bottom = box
+    draw.line([(left, top), (left, bottom), (right, bottom)], fill="black")
+    draw.text((4, top - 6), f"{top_count}", fill="black")
+    draw.text((4, bottom - 6), "0", fill="black")
+    draw.text((left, bottom + 6), f"{times[0]:.2f} s", fill="black")
+    draw.text((right - 50, bottom + 6), f"{times[1]:.2f} s", fill="black")
+    for line, caption in enumerate(captions):
+        draw.text((left, 4 + 13 * line), caption, fill="black")
+
+
 def tokens_plot(video: VideoTokens, shown: set[int], width: int, height: int = PLOT_HEIGHT) -> Image.Image:
     """Tokens per frame (all views) against time; the frames drawn above are marked with dots."""
     image = Image.new("RGB", (width, height), "white")
@@ -115,13 +129,8 @@ def tokens_plot(video: VideoTokens, shown: set[int], width: int, height: int = P
     top_count = max(1, int(counts.max()))
     xs = left + (times - t0) / ((t1 - t0) or 1.0) * (right - left)
     ys = bottom - counts / top_count * (bottom - top)
-    draw.line([(left, top), (left, bottom), (right, bottom)], fill="black")
-    draw.text((4, top - 6), f"{top_count}", fill="black")
-    draw.text((4, bottom - 6), "0", fill="black")
-    draw.text((left, bottom + 6), f"{t0:.2f} s", fill="black")
-    draw.text((right - 50, bottom + 6), f"{t1:.2f} s", fill="black")
-    draw.text((left, 4), "tokens per frame over time; above: kept patches outlined, pruned (merged) patches shaded",
-              fill="black")
+    _axes(draw, (left, top, right, bottom), (t0, t1), top_count,
+          ["tokens per frame over time; above: kept patches outlined, pruned (merged) patches shaded"])
     if len(xs) > 1:
         draw.line(list(zip(xs.tolist(), ys.tolist())), fill=(30, 90, 200), width=2)
     for frame, x, y in zip(video.frames, xs, ys):
@@ -256,15 +265,9 @@ def temporal_tokens_plot(video: VideoTokens, shown: set[int], width: int, height
             span = [x_of(frame.timestamps[0]) - 3, top, x_of(frame.timestamps[-1]) + 3, bottom]
             draw.rectangle(span, fill=WINDOW_BAND)
     xs = x_of(times)
-    draw.line([(left, top), (left, bottom), (right, bottom)], fill="black")
-    draw.text((4, top - 6), f"{top_count}", fill="black")
-    draw.text((4, bottom - 6), "0", fill="black")
-    draw.text((left, bottom + 6), f"{t0:.2f} s", fill="black")
-    draw.text((right - 50, bottom + 6), f"{t1:.2f} s", fill="black")
-    draw.text((left, 4), "tokens per source frame: blue placed with it, magenta standing for it; grey: windows",
-              fill="black")
-    draw.text((left, 17), "above: own tokens yellow, spanning (static) tokens magenta, pruned patches shaded",
-              fill="black")
+    _axes(draw, (left, top, right, bottom), (t0, t1), top_count,
+          ["tokens per source frame: blue placed with it, magenta standing for it; grey: windows",
+           "above: own tokens yellow, spanning (static) tokens magenta, pruned patches shaded"])
     for counts, colour in ((stands, SPANNING_OUTLINE), (sits, SITS_LINE)):
         ys = bottom - counts / top_count * (bottom - top)
         if len(xs) > 1:
