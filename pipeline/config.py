@@ -85,8 +85,8 @@ class EncodeConfig:
                               "autoscaler is asked for them) before failing", 600.0)
     dtype: Literal["float32", "float16", "bfloat16"] | None = _flag(
         "encoder dtype (default: float16 on cuda, float32 on cpu)", None, choices=("float32", "float16", "bfloat16"))
-    frames_per_shard: int = _flag("frames gathered into one shard file, each with all its views (larger: fewer, "
-                                  "bigger files; a write task holds this many frames in memory)", 1024)
+    frames_per_shard: int = _flag("frames (each with all its views; holitom: temporal windows) gathered into one shard "
+                                  "file (larger: fewer, bigger files; a write task holds this many in memory)", 1024)
     shard_mb: float = _flag("most megabytes of tokens per shard file; also caps --frames-per-shard at what fits "
                           "when every frame keeps its most tokens", 256.0)
     set_aside_damaged: bool = _flag("move committed files that cannot be read back whole to OUT/damaged/ and "

@@ -245,7 +245,6 @@ def pending_rows(inputs: list[InputItem], states: list[CommitState]) -> list[dic
         finished = [state.finished(item.video_id) for state in states]
         if all(finished):
             continue
-        settled = [None if done else _settled(state, item.video_id) for state, done in zip(states, finished)]
         open_states = [state for state, done in zip(states, finished) if not done]
         settled = [None if done else _settled(state, item.video_id) for state, done in zip(states, finished)]
         skip = set.intersection(*(frames for frames in settled if frames is not None))
