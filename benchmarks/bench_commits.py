@@ -281,12 +281,12 @@ def measure_stats(design: str, returns_file: str) -> dict:
     """The driver's ``on_write_complete``: every write task's returned stats (unpickled, as Ray hands
     them over, all at once) summed into one."""
     if design == "new":
-        from pipeline.sink import ShardSink, WriteStats
+        from pipeline.sink import ShardSink, SinkOutput, WriteStats
         from ray.data.datasource.datasink import WriteResult
 
-        sink = ShardSink("/nonexistent", run_metadata(FRAMES), RUN_ID, 1500, 256 * 2**20, 1)
-        make = lambda r: WriteStats(rows=r["rows"], frames=r["frames"], tokens=r["tokens"], bytes=r["bytes"],  # noqa: E731
-                                    files=r["files"], encoded_videos=set(r["videos"]))
+        sink = ShardSink([SinkOutput("/nonexistent", run_metadata(FRAMES))], RUN_ID, 1500, 256 * 2**20, 577)
+        make = lambda r: [WriteStats(rows=r["rows"], frames=r["frames"], tokens=r["tokens"],  # noqa: E731
+                                     bytes=r["bytes"], files=r["files"], encoded_videos=set(r["videos"]))]
     else:
         sink = OldSink()
         make = lambda r: OldWriteStats(rows=r["rows"], tokens=r["tokens"], bytes=r["bytes"], files=r["files"],  # noqa: E731
@@ -302,9 +302,10 @@ def measure_stats(design: str, returns_file: str) -> dict:
             except EOFError:
                 break
     received = time.perf_counter()
-    sink.on_write_complete(WriteResult(num_rows=sum(r.rows for r in returns), size_bytes=0, write_returns=returns))
+    rows = sum(r[0].rows if isinstance(r, list) else r.rows for r in returns)
+    sink.on_write_complete(WriteResult(num_rows=rows, size_bytes=0, write_returns=returns))
     wall = time.perf_counter() - started
-    total = sink.stats
+    total = sink.stats[0] if isinstance(sink.stats, list) else sink.stats
     return {"wall_s": wall, "receive_s": received - started, "peak_mb": peak_mb() - baseline, "baseline_mb": baseline,
             "writes": len(returns), "rows": total.rows, "videos": len(total.encoded_videos),
             "frames": total.frames if isinstance(total.frames, int) else len(total.frames)}

@@ -4,9 +4,10 @@ frame's row is yielded as soon as it is decoded, so memory does not grow with th
 
 The rows are plain dicts (``kind`` says which):
 
-* ``{"kind": "source", "source_info": {...}, "todo": [...]}`` first, once the input is probed: what the
-  shards record per input (`VideoInfo.summary` plus ``sampled_frames``; for images the format and size)
-  and the frame numbers that will follow (sampled, minus ``skip_frames``).
+* ``{"kind": "source", "source_info": {...}, "todo": [...], "sampled": [...]}`` first, once the input is
+  probed: what the shards record per input (`VideoInfo.summary` plus ``sampled_frames``; for images the
+  format and size), the frame numbers that will follow (sampled, minus ``skip_frames``) and all the
+  sampled frame numbers (which frames are neighbours in the sampling).
 * ``{"kind": "frame", "frame_index", "timestamp_s", "grid_rows", "grid_cols", "pixels"}`` per frame,
   ``pixels [T, S, S, 3]`` uint8 (T views, the global view first).
 * ``{"kind": "error", "error_type", "error_message", "failed_frames"}`` for what failed: the whole input
@@ -91,7 +92,7 @@ def _image_rows(request: FrameRequest) -> Iterator[dict]:
     height, width = image.shape[:2]
     yield {"kind": "source", "source_info": {"codec": image_format(request.path), "width": width, "height": height,
                                               "num_frames": 1, "sampled_frames": 1, "time_source": "none"},
-           "todo": [0]}
+           "todo": [0], "sampled": [0]}
     yield {"kind": "frame", "frame_index": 0, "timestamp_s": 0.0, **_Views(request)(image, (width, height))}
 
 
@@ -104,7 +105,8 @@ def _video_rows(request: FrameRequest) -> Iterator[dict]:
         if not len(sampled):
             raise MediaError(request.path, f"the sampling {request.sampling} selects no frame of {info.num_frames}")
         todo = np.array([i for i in sampled.tolist() if i not in request.skip_frames], dtype=np.int64)
-        yield {"kind": "source", "source_info": {**info.summary(), "sampled_frames": len(sampled)}, "todo": todo.tolist()}
+        yield {"kind": "source", "source_info": {**info.summary(), "sampled_frames": len(sampled)},
+               "todo": todo.tolist(), "sampled": sampled.tolist()}
         source_size = (info.width, info.height)
         failed: list[FrameError] = []
         for decoded in reader.frames(todo, views.decode_size):

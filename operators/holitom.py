@@ -21,7 +21,8 @@ Semantics, with r the requested ``retention``:
    rounding moves a ceil or a round by one.
 5. Static tokens of a window with S static positions: the mean of each static position over the
    window's frames, reduced by DPC-kNN (below) to round(S·r') tokens (Python's round: halves to
-   even). Score: the centre position's importance averaged over the window's frames.
+   even), at least one when every position of the window is static (the public code can leave such a
+   window without any token at a small r; a window here always keeps one). Score: the centre position's importance averaged over the window's frames.
    first_frame = s, last_frame = e.
 6. Dynamic tokens, per frame of the window (its L non-static positions; a one-frame window: all N):
    keep = ceil(L·r'); dominant = round(keep·(1 - contextual_share)) tokens of highest importance
@@ -272,9 +273,13 @@ def holitom(
         window_values = values[start : end + 1]  # [W, N, C]
         window_weights = weights[start : end + 1]  # [W, N]
 
-        # Static: one token per static position (its mean over the window), then DPC-kNN.
+        # Static: one token per static position (its mean over the window), then DPC-kNN; a window whose
+        # every position is static keeps at least one token.
+        clusters = round(len(static_index) * ratio)
+        if clusters == 0 and len(static_index) == num_patches:
+            clusters = 1
         centres, static_tokens = dpc_knn_merge(
-            window_values[:, static_index].mean(dim=0)[None], round(len(static_index) * ratio), k_density, beta
+            window_values[:, static_index].mean(dim=0)[None], clusters, k_density, beta
         )
         static_positions = static_index[centres[0]]
         static_scores = window_weights[:, static_positions].mean(dim=0)

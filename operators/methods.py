@@ -11,6 +11,7 @@ positions in the batch's frames) and its patch position.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -40,9 +41,11 @@ class MethodSpec:
 
     @property
     def text(self) -> str:
-        """The spec as written on the command line: ``prumerge``, ``fixed:64``, ``holitom:0.1``."""
-        value = self.budget if self.budget is not None else self.retention
-        return self.name if value is None else f"{self.name}:{value:g}"
+        """The spec in its one written form: ``prumerge``, ``fixed:64``, ``holitom:0.1`` (the shortest
+        decimal that reads back as the retention)."""
+        if self.budget is not None:
+            return f"{self.name}:{self.budget}"
+        return self.name if self.retention is None else f"{self.name}:{self.retention!r}"
 
     @property
     def dirname(self) -> str:
@@ -72,26 +75,21 @@ def parse_methods(text: str, budget: int | None = None) -> tuple[MethodSpec, ...
 
 
 def _parse_one(item: str, budget: int | None) -> MethodSpec:
-    name, _, value = item.partition(":")
+    name, colon, value = item.partition(":")
     if name in ("prumerge", "prumerge+"):
-        if value:
+        if colon:
             raise ValueError(f"--method {item}: {name} takes no value")
         return MethodSpec(name)
     if name == "fixed":
-        if not value and budget is None:
+        if not colon and budget is None:
             raise ValueError("--method fixed needs a budget: fixed:K (or --budget K)")
-        try:
-            count = int(value) if value else budget
-        except ValueError:
-            count = 0
+        count = budget if not colon else int(value) if re.fullmatch(r"[0-9]+", value) else 0
         if count < 1:
             raise ValueError(f"--method {item}: K must be a whole number >= 1")
         return MethodSpec("fixed", budget=count)
     if name == "holitom":
-        try:
-            retention = float(value)
-        except ValueError:
-            retention = math.nan
+        decimal = re.fullmatch(r"[0-9]*\.?[0-9]+(e-?[0-9]+)?", value, flags=re.IGNORECASE)
+        retention = float(value) if decimal else math.nan
         if not 0 < retention <= 1:
             raise ValueError(f"--method {item}: holitom:R needs a retention 0 < R <= 1 (e.g. holitom:0.1)")
         return MethodSpec("holitom", retention=retention)

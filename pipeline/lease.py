@@ -192,3 +192,35 @@ def _process_exists(pid: int) -> bool:
     except PermissionError:
         return True  # someone else's process
     return True
+
+
+class OutputLeases:
+    """The leases of several outputs held together (a run writing one output per method): all are taken,
+    or none (`OutputLocked` from the first held by another job, after releasing those taken)."""
+
+    def __init__(self, outputs: list[str], run_id: str) -> None:
+        self.leases = [OutputLease(output, run_id) for output in outputs]
+
+    def acquire(self) -> None:
+        taken = []
+        try:
+            for lease in self.leases:
+                lease.acquire()
+                taken.append(lease)
+        except BaseException:
+            for lease in taken:
+                lease.release()
+            raise
+
+    @property
+    def lost(self) -> bool:
+        return any(lease.lost for lease in self.leases)
+
+    def check(self) -> None:
+        """Raise `LeaseLost` if another job took any of the leases over."""
+        for lease in self.leases:
+            lease.check()
+
+    def release(self) -> None:
+        for lease in self.leases:
+            lease.release()

@@ -282,6 +282,11 @@ class TokenReader:
                     "before its first commit leaves such an output).")
             elif not committed_files(self.filesystem, self._root, "errors") and not self._has_run_record():
                 found = self.filesystem.get_file_info(self._root).type != pafs.FileType.NotFound
+                folders = self._method_folders() if found else []
+                if folders:
+                    raise FileNotFoundError(
+                        f"{self.out_dir} holds one output per method ({', '.join(folders)}) of a run with several "
+                        f"methods: open one of them, e.g. {self.out_dir.rstrip('/')}/{folders[0]}")
                 what = ("holds no shard (shards/*.parquet), error file (errors/*.parquet) or run record "
                         "(manifest.json)" if found else "does not exist")
                 raise FileNotFoundError(f"{self.out_dir} {what}: is it the --output of an encoding run?")
@@ -300,6 +305,12 @@ class TokenReader:
                 "revisions, layers, methods or importance rules must not be mixed in one dataset:\n"
                 + "\n".join(lines) + "\nKeep each run in its own output directory.")
         return index
+
+    def _method_folders(self) -> list[str]:
+        """Sub-folders holding a run record: one output per method (`--method a,b`), sorted."""
+        infos = self.filesystem.get_file_info(pafs.FileSelector(self._root))
+        return sorted(info.base_name for info in infos if info.type == pafs.FileType.Directory
+                      and self.filesystem.get_file_info(f"{info.path}/manifest.json").type == pafs.FileType.File)
 
     def _has_run_record(self) -> bool:
         """Whether a run wrote its record here (``OUT/manifest.json``, ``OUT/runs/``), even if it committed nothing."""

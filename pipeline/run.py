@@ -25,7 +25,7 @@ from pipeline.config import EncodeConfig
 from pipeline.commit import (UNREADABLE, CommitState, DamagedOutputError, committed_files, error_files,
                              merge_index_parts, prepare_output, read_error_rows)
 from pipeline.inputs import VIDEO_ID_RULE, InputItem, Listing, filesystem_and_path, list_inputs, redact_credentials
-from pipeline.lease import OutputLease, OutputLocked
+from pipeline.lease import OutputLeases, OutputLocked
 from pipeline.report import failure_line
 from pipeline.resources import ResourcePlan, ResourcesUnavailable, plan_resources
 from pipeline.runlog import RunLog, new_run_id, plain_text, utc_timestamp, write_run_record
@@ -65,20 +65,21 @@ class RunSummary:
     frames_per_s: float
     bytes_written: int
     wall_s: float
-    methods: dict[str, dict] = dataclasses.field(default_factory=dict)  # several methods: each one's counts
+    methods: dict[str, dict] = dataclasses.field(default_factory=dict)  # several methods: each one's summary
 
     def lines(self) -> list[str]:
         failed_before = f", {self.skipped_failed} of them with error rows" if self.skipped_failed else ""
+        counts = (f"frames {self.frames}, by method:" if self.methods else
+                  f"frames {self.frames} ({self.rows} rows incl. tiles), mean tokens/row {self.mean_tokens_per_row:.1f}")
         lines = [
             f"inputs {self.inputs}: encoded {self.encoded}, partly failed {self.partly_failed}, failed {self.failed}, "
             f"skipped (already committed) {self.skipped}{failed_before}",
-            f"frames {self.frames} ({self.rows} rows incl. tiles), mean tokens/row {self.mean_tokens_per_row:.1f}",
+            counts,
+            *(f"  {method}: frames {m['frames']}, {m['rows']} rows, mean tokens/row {m['mean_tokens_per_row']:.1f}, "
+              f"{m['bytes_written'] / 1e6:.2f} MB, {m['error_rows']} error rows" for method, m in self.methods.items()),
             f"{self.frames_per_s:.2f} frames/s over {self.wall_s:.1f} s, {self.bytes_written / 1e6:.2f} MB written, "
             f"{self.error_rows} error rows",
         ]
-        for method, counts in self.methods.items():
-            lines.append(f"  {method}: {counts['rows']} rows, {counts['tokens']} tokens, "
-                         f"{counts['bytes'] / 1e6:.2f} MB")
         if self.duplicates:
             lines.append(f"names of inputs already listed: {self.duplicates} (each file is encoded once; named in the log)")
         if self.listing_notes:
@@ -145,9 +146,11 @@ def check_layout(output: str, outputs: list[SinkOutput]) -> None:
     """
     fs, root = filesystem_and_path(output)
     if len(outputs) > 1:
-        if any(committed_files(fs, root, sub) for sub in ("index", "errors", "shards")):
-            raise ValueError(f"{redact_credentials(output)} holds the output of a single method; several methods "
-                             "write a folder each: use a new --output")
+        records = fs.get_file_info([f"{root}/manifest.json", f"{root}/runs"])
+        if any(info.type != pafs.FileType.NotFound for info in records) or any(
+                committed_files(fs, root, sub) for sub in ("index", "errors", "shards")):
+            raise ValueError(f"{redact_credentials(output)} holds the output of a single method (or a run's record of "
+                             "one); several methods write a folder each: use a new --output")
         return
     if fs.get_file_info(root).type != pafs.FileType.Directory:
         return
@@ -345,7 +348,8 @@ def run(config: EncodeConfig, encoder_stage: type = EncodeTokens) -> RunSummary:
     """Encode every input of ``config`` into ``config.output``; inputs already committed are skipped.
 
     Checks that need no Ray (the model's config, the output's settings, the input listing) run first.
-    Then the run gets an id and takes the output's lease (one job per output); its log goes to
+    Then the run gets an id and takes the output's lease (one job per output; with several methods, each
+    method's output's lease); its log goes to
     ``OUT/logs/<run-id>.log`` and its record (config, versions, summary, status) to ``OUT/runs/<run-id>.json`` and
     ``OUT/manifest.json``: written at the start with status ``running``, and again when the run
     completes, fails or is interrupted. Every error row the run commits is logged with its reason, also
@@ -395,7 +399,7 @@ def run(config: EncodeConfig, encoder_stage: type = EncodeTokens) -> RunSummary:
         raise RunSetupError(f"--input {redact_credentials(config.input)!r} holds no {config.media} files{skipped}")
 
     run_id = new_run_id(started)
-    lease = OutputLease(config.output, run_id)
+    lease = OutputLeases([target.output for target in outputs], run_id)  # each method's output: its own lease
     try:
         lease.acquire()
     except OutputLocked as error:
@@ -409,7 +413,7 @@ def run(config: EncodeConfig, encoder_stage: type = EncodeTokens) -> RunSummary:
 
 
 def _run_holding_lease(config: EncodeConfig, listing: Listing, preprocessing: Preprocessing,
-                       outputs: list[SinkOutput], run_id: str, started: float, lease: OutputLease,
+                       outputs: list[SinkOutput], run_id: str, started: float, lease: OutputLeases,
                        encoder_stage: type) -> RunSummary:
     """`run` from the moment the run has an id and holds the output: record, log, encode, record. Each
     method's output gets the run record with its own metadata; the log is the top-level output's."""
@@ -436,10 +440,10 @@ def _run_holding_lease(config: EncodeConfig, listing: Listing, preprocessing: Pr
         logger.info("run %s: %s job, output %s, log %s", run_id, config.media, redact_credentials(config.output),
                     run_log.path)
         sampling = f", sampling {metadata_['sampling']}" if config.media == "video" else ""
-        logger.info("model %s (%s tower, %s px, %s patches), layer %d, method %s %s, preprocessing %s%s", config.model,
+        methods = "; ".join(f"{t.run_metadata['method']} {t.run_metadata['method_params']}" for t in outputs)
+        logger.info("model %s (%s tower, %s px, %s patches), layer %d, method %s, preprocessing %s%s", config.model,
                     metadata_["tower"], metadata_["preprocessing"]["image_size"],
-                    "x".join(map(str, metadata_["patch_grid"])), config.layer, config.method,
-                    metadata_["method_params"], preprocessing, sampling)
+                    "x".join(map(str, metadata_["patch_grid"])), config.layer, methods, preprocessing, sampling)
         errors_before: set[str] = set()
         failures_logged = False
         ray_was_running = ray.is_initialized()
@@ -456,7 +460,7 @@ def _run_holding_lease(config: EncodeConfig, listing: Listing, preprocessing: Pr
                 logger.info("%s", line)
             for path in _write_records(outputs, run_id, {
                     **record, "config": recorded_config(config), "status": "completed", "summary": asdict(summary),
-                    "finished_at": utc_timestamp(time.time())}):
+                    "finished_at": utc_timestamp(time.time())}, summary):
                 logger.info("run record %s", path)
         except BaseException as error:
             interrupted = isinstance(error, (KeyboardInterrupt, SystemExit))
@@ -486,10 +490,15 @@ def _run_holding_lease(config: EncodeConfig, listing: Listing, preprocessing: Pr
     return summary
 
 
-def _write_records(outputs: list[SinkOutput], run_id: str, record: dict) -> list[str]:
-    """``record`` into each method's output (`write_run_record`), with that output's metadata."""
-    return [write_run_record(target.output, run_id, {**record, "run_metadata": target.run_metadata})
-            for target in outputs]
+def _write_records(outputs: list[SinkOutput], run_id: str, record: dict, summary: RunSummary | None = None) -> list[str]:
+    """``record`` into each method's output (`write_run_record`), with that output's metadata and, with
+    several methods, its own ``summary`` (the whole run's as ``run_summary``)."""
+    per_method = list(summary.methods.values()) if summary is not None and summary.methods else None
+    paths = []
+    for i, target in enumerate(outputs):
+        own = {"summary": per_method[i], "run_summary": record["summary"]} if per_method else {}
+        paths.append(write_run_record(target.output, run_id, {**record, "run_metadata": target.run_metadata, **own}))
+    return paths
 
 
 def _merge_index(output: str, run_id: str) -> None:
@@ -528,7 +537,7 @@ def _encode(config: EncodeConfig, listing: Listing, preprocessing: Preprocessing
     patches = outputs[0].run_metadata["patch_grid"][0] * outputs[0].run_metadata["patch_grid"][1]
     most = max(config.segment_frames * patches if spec.temporal else views * ((spec.budget or patches) + 1)
                for spec in config.methods())
-    sink = ShardSink(outputs, config.output, run_id, config.frames_per_shard, int(config.shard_mb * 2**20), most)
+    sink = ShardSink(outputs, run_id, config.frames_per_shard, int(config.shard_mb * 2**20), most)
     if rows:
         _ensure_ray(config)
         plan = plan_resources(config.device, config.num_encoders, config.encoder_threads, config.num_decoders,
@@ -586,7 +595,17 @@ def summarize_run(listing: Listing, rows: list[dict], states: list[CommitState],
                   methods: list[str], wall_s: float) -> RunSummary:
     """Count each input once, by what the outputs hold for it now (earlier runs' commits included): an
     input counts as encoded, failed or skipped by what any method's output holds. Frames: the most any
-    method encoded; rows, tokens and bytes: all methods' together (each method's in ``methods``)."""
+    method encoded; rows, tokens, bytes and error rows: all methods' together. With several methods,
+    ``methods`` holds each one's own summary (its output alone, as a run of it alone would count it)."""
+    summary = _summary(listing, rows, states, stats, wall_s)
+    if len(methods) > 1:
+        summary.methods = {method: asdict(_summary(listing, rows, [state], [part], wall_s, log_missing=False))
+                           for method, state, part in zip(methods, states, stats)}
+    return summary
+
+
+def _summary(listing: Listing, rows: list[dict], states: list[CommitState], stats: list[WriteStats], wall_s: float,
+             log_missing: bool = True) -> RunSummary:
     inputs = listing.items
     touched = set().union(*(s.encoded_videos | s.failed_videos for s in stats))
     with_tokens = set().union(*(set(state.frames) | s.encoded_videos for state, s in zip(states, stats)))
@@ -596,7 +615,7 @@ def summarize_run(listing: Listing, rows: list[dict], states: list[CommitState],
         *(set(state.frames) | set(state.failed) for state in states))
     accounted = touched | seen_before
     missing = [row for row in rows if row["video_id"] not in accounted]
-    for row in missing:
+    for row in missing if log_missing else ():
         logger.error("%s ended in neither shards nor errors (no frame was sampled or decoded)", row["source_path"])
     frames = max(s.frames for s in stats)
     rows_written = sum(s.rows for s in stats)
@@ -612,11 +631,9 @@ def summarize_run(listing: Listing, rows: list[dict], states: list[CommitState],
         missing=len(missing),
         frames=frames,
         rows=rows_written,
-        error_rows=max(s.error_rows for s in stats),
+        error_rows=sum(s.error_rows for s in stats),
         mean_tokens_per_row=sum(s.tokens for s in stats) / rows_written if rows_written else 0.0,
         frames_per_s=frames / wall_s if wall_s else 0.0,
         bytes_written=sum(s.bytes for s in stats),
         wall_s=wall_s,
-        methods={method: {"rows": s.rows, "frames": s.frames, "tokens": s.tokens, "bytes": s.bytes}
-                 for method, s in zip(methods, stats)} if len(methods) > 1 else {},
     )

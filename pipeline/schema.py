@@ -109,8 +109,8 @@ ERROR_COLUMNS = [("error_type", pa.string()), ("error_message", pa.string()), ("
 
 # Columns with one value per view (the global view, then the AnyRes tiles); the others are per frame.
 VIEW_COLUMNS = ("tile_index", "num_tokens", "tokens", "positions", "scores", "first_frames", "last_frames")
-# Encoded rows: which of the run's methods (`operators.methods.MethodSpec`, by position) made the row;
-# null on an error row, which belongs to every method's output.
+# Encoded rows: which of the run's methods (`operators.methods.MethodSpec`, by position) the row is for (an
+# error row: one per method that still needed the input's frames).
 SPEC_COLUMN = ("spec", pa.int16())
 
 
@@ -134,19 +134,22 @@ def failure_table(rows: dict[str, np.ndarray], encoded: pa.Schema) -> pa.Table:
     return pa.Table.from_pydict(columns, schema=encoded)
 
 
-def split_encoded(table: pa.Table, specs: int) -> tuple[list[pa.Table], pa.Table]:
-    """(each of the ``specs`` methods' rows without the error and spec columns, error rows in `ERROR_SCHEMA`)
-    of an encoded table."""
+def split_encoded(table: pa.Table, specs: int) -> list[tuple[pa.Table, pa.Table]]:
+    """Per each of the ``specs`` methods: (its rows without the error and spec columns, its error rows in
+    `ERROR_SCHEMA`) of an encoded table."""
     failed = table.column("error_type").is_valid()
-    rows = table.filter(pc.invert(failed))
     dropped = [name for name, _ in [*ERROR_COLUMNS, SPEC_COLUMN]]
-    by_spec = [rows.filter(pc.equal(rows["spec"], spec)).drop_columns(dropped) for spec in range(specs)]
-    errors = table.filter(failed)
-    errors = pa.Table.from_arrays(
-        [errors["video_id"], errors["source_path"], errors["error_type"], errors["error_message"], errors["failed_frames"]],
-        schema=ERROR_SCHEMA,
-    )
-    return by_spec, errors
+    split = []
+    for spec in range(specs):
+        mine = table.filter(pc.equal(table["spec"], spec))
+        errors = mine.filter(failed.filter(pc.equal(table["spec"], spec)))
+        errors = pa.Table.from_arrays(
+            [errors["video_id"], errors["source_path"], errors["error_type"], errors["error_message"],
+             errors["failed_frames"]],
+            schema=ERROR_SCHEMA,
+        )
+        split.append((mine.filter(pc.invert(mine.column("error_type").is_valid())).drop_columns(dropped), errors))
+    return split
 
 
 def frame_token_counts(frames: pa.Table) -> np.ndarray:

@@ -61,23 +61,22 @@ class SinkOutput:
 
 class ShardSink(Datasink[list[WriteStats]]):
     """Writes each method's ``shards/*.parquet`` (zstd) with ``index/`` entries, and ``errors/*.parquet``,
-    all with the method's run metadata, into that method's output; error rows go to every output.
+    all with the method's run metadata, into that method's output (each method gets the error rows of the
+    inputs it still needed).
 
     Args:
         outputs: one per method of the run, in the order of the encoded rows' ``spec``.
-        lease_output: the output whose lease (`pipeline.lease`) ``run_id`` must still hold for a shard to be
-            committed (the top-level output when each method has a folder under it).
-        run_id: the run.
+        run_id: the run, which must still hold each output's lease (`pipeline.lease`) for a shard to be
+            committed there.
         frames_per_shard: most rows (frames, or temporal windows) per shard file.
         shard_bytes: most token bytes per shard file (a row larger than that gets a file of its own).
         max_views: most views a frame has (1, or 1 + the most AnyRes tiles).
         max_tokens_per_row: most tokens a row can hold over all its views (sizes a write task's memory).
     """
 
-    def __init__(self, outputs: list[SinkOutput], lease_output: str, run_id: str, frames_per_shard: int,
-                 shard_bytes: int, max_tokens_per_row: int) -> None:
+    def __init__(self, outputs: list[SinkOutput], run_id: str, frames_per_shard: int, shard_bytes: int,
+                 max_tokens_per_row: int) -> None:
         self.outputs = outputs
-        self.lease_output = lease_output
         self.run_id = run_id
         self.frames_per_shard = frames_per_shard
         self.shard_bytes = shard_bytes
@@ -108,11 +107,10 @@ class ShardSink(Datasink[list[WriteStats]]):
         stats = [WriteStats() for _ in self.outputs]
         if not tables:
             return stats
-        by_spec, errors = split_encoded(pa.concat_tables(tables), len(self.outputs))
-        lease_fs, lease_root = filesystem_and_path(self.lease_output)
-        check_lease = partial(check_held, lease_fs, lease_root, self.run_id)
-        for target, rows, spec_stats in zip(self.outputs, by_spec, stats):
+        split = split_encoded(pa.concat_tables(tables), len(self.outputs))
+        for target, (rows, errors), spec_stats in zip(self.outputs, split, stats):
             fs, root = filesystem_and_path(target.output)
+            check_lease = partial(check_held, fs, root, self.run_id)
             anyres = bool(target.run_metadata["preprocessing"]["anyres"])
             rows = rows.sort_by([("video_id", "ascending"), ("frame_index", "ascending")])
             for chunk in self._shards(rows):

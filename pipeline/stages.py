@@ -72,8 +72,9 @@ class DecodeInputs:
     does the decoding; it is killed when it sends nothing for ``config.decode_timeout_s`` and
     restarted for the next input.
 
-    A segment row holds up to ``config.segment_size()`` frames the decoder delivered one after the other;
-    a failure (an error row) ends the segment before it, so no segment spans frames that failed.
+    A segment row holds up to ``config.segment_size()`` frames that are neighbours in the input's sampling
+    (each the sampled frame after the one before): a frame skipped (committed or failed earlier) or failing
+    now ends a segment, so no segment spans a frame it does not hold.
     """
 
     def __init__(self, config: EncodeConfig, preprocessing: Preprocessing,
@@ -100,6 +101,7 @@ class DecodeInputs:
                 return
             request = frame_request(self.config, self.preprocessing, path, skip)
             todo: list[int] | None = None  # frames the child will decode, once it has probed the input
+            following: dict[int, int] = {}  # each sampled frame's successor in the sampling
             delivered: set[int] = set()
             segment: list[dict] = []
             source_info = ""
@@ -108,8 +110,12 @@ class DecodeInputs:
                     if item["kind"] == "source":
                         source_info = json.dumps(item["source_info"])
                         todo = item["todo"]
+                        following = dict(zip(item["sampled"], item["sampled"][1:]))
                     elif item["kind"] == "frame":
                         delivered.add(item["frame_index"])
+                        if segment and following.get(segment[-1]["frame_index"]) != item["frame_index"]:
+                            yield self._segment(row, segment, source_info)  # a gap in the sampling ends it
+                            segment = []
                         segment.append(item)
                         if len(segment) == self.segment_size:
                             yield self._segment(row, segment, source_info)
@@ -210,9 +216,20 @@ class EncodeTokens:
         row per failure (error columns set); see `pipeline.schema.encoded_schema`."""
         failed = np.array([bool(t) for t in batch["error_type"]], dtype=bool)
         tables = [self._encode({key: values[~failed] for key, values in batch.items()})] if (~failed).any() else []
-        if failed.any():
-            tables.append(failure_table({key: values[failed] for key, values in batch.items()}, self.schema))
+        if failed.any():  # an error row for each method that still needed the input's frames
+            errors = failure_table({key: values[failed] for key, values in batch.items()}, self.schema)
+            done = [self._spec_done(text) for text in batch["spec_done"][failed]]
+            wanted = [(r, spec) for r, per_spec in enumerate(done) for spec, frames in enumerate(per_spec)
+                      if frames is not None]
+            errors = errors.take([r for r, _ in wanted])
+            tables.append(errors.set_column(errors.schema.get_field_index("spec"), "spec",
+                                            pa.array([spec for _, spec in wanted], pa.int16())))
         return pa.concat_tables(tables) if tables else self.schema.empty_table()
+
+    def _spec_done(self, text: str) -> list[list[int] | None]:
+        """Per method, the input's frames only it has (null: it has the whole input), from a row's ``spec_done``
+        (`pipeline.run.pending_rows`; empty: no method has frames the others lack)."""
+        return json.loads(text) if text else [[]] * len(self.specs)
 
     @torch.inference_mode()
     def reduce(self, images: torch.Tensor, view_frames: list[int], todo: list[list[int]]) -> list[ReducedRows]:
@@ -244,9 +261,8 @@ class EncodeTokens:
         frames["row"] = np.repeat(np.arange(len(lengths)), lengths)  # [F]: the segment row of each frame
         view_frames = np.repeat(np.arange(len(frames["row"])), frames["views"]).tolist()  # [V]
         starts = np.cumsum([0, *lengths])
-        # per method, the batch's frames it still needs, one list per segment row (`pipeline.run.pending_rows`:
-        # ``spec_done`` names, per method, frames only it has, or null when it has the whole input)
-        done = [json.loads(text) if text else [[]] * len(self.specs) for text in rows["spec_done"]]
+        # per method, the batch's frames it still needs, in runs of neighbouring frames of one input
+        done = [self._spec_done(text) for text in rows["spec_done"]]
         todo = []
         for spec in range(len(self.specs)):
             segments = []
@@ -254,9 +270,15 @@ class EncodeTokens:
                 if done[r][spec] is None:
                     continue
                 skip = set(done[r][spec])
-                segment = [int(starts[r]) + i for i, f in enumerate(indices) if int(f) not in skip]
-                if segment:
-                    segments.append(segment)
+                # the runs of the row's frames this method lacks: a frame it has ends a run
+                segment: list[int] = []
+                for i, f in enumerate(indices):
+                    if int(f) in skip:
+                        segments += [segment] if segment else []
+                        segment = []
+                    else:
+                        segment.append(int(starts[r]) + i)
+                segments += [segment] if segment else []
             todo.append(segments)
         reduced = self.reduce(torch.from_numpy(np.concatenate(list(rows["pixels"]))), view_frames, todo)
         tables = [self._rows(spec, result, rows, frames) for spec, result in enumerate(reduced) if result.row_frames]

@@ -139,7 +139,10 @@ def holitom(
 
         # Static positions: averaged over the window, then clustered.
         averaged = [sum(x[t, p] for t in frames) / len(frames) for p in static]
-        centres, merged = _dpc_knn(averaged, round(len(static) * ratio), k_density, beta)
+        clusters = round(len(static) * ratio)
+        if clusters == 0 and static and not dynamic:  # a window keeps at least one token
+            clusters = 1
+        centres, merged = _dpc_knn(averaged, clusters, k_density, beta)
         for centre, token in zip(centres, merged):
             position = static[centre]
             score = sum(float(weight[t, position]) for t in frames) / len(frames)

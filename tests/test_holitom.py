@@ -143,6 +143,18 @@ def test_fully_static_clip_is_one_window_covering_all_frames():
     assert [(w.start, w.end) for w in windows] == [(t, t) for t in range(frames)]
 
 
+def test_a_window_keeps_a_token_however_small_the_retention():
+    """A fully static window at a retention whose static share rounds to nothing keeps one token (the
+    public code would leave the whole window, here the whole clip, without any)."""
+    frames, grid = 10, 4
+    image = torch.randn(grid * grid, 16, generator=torch.Generator().manual_seed(42))
+    features = image.expand(frames, -1, -1).clone()
+    importance = torch.rand(frames, grid * grid, generator=torch.Generator().manual_seed(43))
+    (window,) = holitom(features, importance, 1e-9)
+    assert window.num_tokens == 1 and (window.first_frame.item(), window.last_frame.item()) == (0, frames - 1)
+    assert_matches_reference([window], reference_holitom(features, importance, 1e-9))
+
+
 @pytest.mark.parametrize("cut", [1, 2, 5, 9])
 def test_scene_cut_splits_the_windows_exactly_at_the_cut(cut):
     frames = 10

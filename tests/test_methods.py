@@ -8,12 +8,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
 
 from damage import flip_byte, inside_tokens_page
-from media import decode_frame, video, write_h264
+from media import decode_frame, numbered_picture, video, write_h264
 from operators.encode import VisionEncoder
 from operators.frames import frame_rows
 from operators.holitom import holitom
@@ -21,7 +22,8 @@ from operators.methods import HOLITOM_DEFAULTS, MethodSpec, parse_methods
 from operators.towers import describe_tower
 from pipeline.config import EncodeConfig
 from pipeline.reader import TokenReader
-from pipeline.run import RunSetupError, run
+from pipeline.lease import OutputLease
+from pipeline.run import OutputBusy, RunSetupError, run
 from pipeline.stages import EncodeTokens, frame_request
 
 CLIPS = ["h265_video.mp4", "video_0.mov"]
@@ -110,7 +112,7 @@ def test_four_methods_one_forward_per_frame_each_as_if_alone(tmp_path, tiny_clip
     summary = run(config, encoder_stage=CountingEncodeTokens)
     frames = 6 + 3  # video_0.mov has 3 frames
     assert sum(forwards(output)) == summary.frames == frames, "one forward per frame, whatever the methods"
-    assert sorted(p.name for p in output.iterdir()) == sorted([*FOUR_DIRS, "lease", "logs"])
+    assert sorted(p.name for p in output.iterdir()) == sorted([*FOUR_DIRS, "logs"])
     assert list(summary.methods) == FOUR.split(",")
     for name in FOUR_DIRS:
         record = json.loads((output / name / "manifest.json").read_text())
@@ -175,18 +177,54 @@ def test_a_static_clip_is_one_window(tmp_path, tiny_clip_dir, ray_local):
     assert 0 < row.num_tokens <= round(0.1 * 10 * patches) + 1
 
 
-def test_layouts_are_not_mixed(tmp_path, tiny_clip_dir, ray_local):
+def test_layouts_are_not_mixed_and_each_method_folder_has_its_lease(tmp_path, tiny_clip_dir, ray_local):
     inputs = link_inputs(tmp_path / "in", CLIPS[1:])
     single, several = tmp_path / "single", tmp_path / "several"
     base = EncodeConfig(input=str(inputs), output=str(single), model=str(tiny_clip_dir), num_frames=2)
     run(base)
     with pytest.raises(RunSetupError, match="holds the output of a single method"):
         run(dataclasses.replace(base, method="prumerge,holitom:0.5"))
+    (tmp_path / "recorded" / "runs").mkdir(parents=True)  # a one-method run killed before its first commit
+    with pytest.raises(RunSetupError, match="holds the output of a single method"):
+        run(dataclasses.replace(base, output=str(tmp_path / "recorded"), method="prumerge,holitom:0.5"))
+
+    with OutputLease(str(several / "holitom-0.5"), "another-job"):  # a job writing that method's folder alone
+        with pytest.raises(OutputBusy, match="holitom-0.5 is being written by another job"):
+            run(dataclasses.replace(base, output=str(several), method="prumerge,holitom:0.5"))
+    assert not list(several.glob("*/lease/*.json")), "no lease left behind: all taken, or none"
     run(dataclasses.replace(base, output=str(several), method="prumerge,holitom:0.5"))
     with pytest.raises(RunSetupError, match=r"holds one folder per method \(holitom-0.5, prumerge\)"):
         run(dataclasses.replace(base, output=str(several)))
+    with pytest.raises(FileNotFoundError, match=r"holds one output per method \(holitom-0.5, prumerge\).*open one"):
+        TokenReader(str(several))
     summary = run(dataclasses.replace(base, output=str(several / "prumerge")))
     assert (summary.frames, summary.skipped) == (0, 1), "one method's folder is an output of its own"
+
+
+def test_windows_never_span_frames_they_do_not_hold(tmp_path, tiny_clip_dir, ray_local):
+    """Windows are runs of neighbouring sampled frames, also when a resumed run re-encodes windows that are
+    not next to each other (their frames are decoded in one go): the reader gets every frame once."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    pictures = [numbered_picture(n) for n in (1, 6, 9, 6, 1) for _ in range(4)]  # P X Y X P, 4 frames each
+    write_h264(inputs / "shots.mp4", pictures, 10, {"g": "1"})
+    output = tmp_path / "out"
+    config = EncodeConfig(input=str(inputs), output=str(output), model=str(tiny_clip_dir), num_frames=20,
+                          method="holitom:0.5", frames_per_shard=1)
+    run(config)
+    reader = TokenReader(str(output))
+    [video_id] = reader.video_ids()
+    before = [row.frame_indices for row in reader.load(video_id).frames]
+    assert len(before) >= 3, f"the shots give windows: {before}"
+    shards = sorted((output / "shards").glob("*.parquet"))
+    rows = {int(pq.read_table(path, columns=["frame_index"])["frame_index"][0].as_py()): path for path in shards}
+    for window in (before[0], before[-1]):  # two windows that are not neighbours
+        flip_byte(rows[window[0]], inside_tokens_page(rows[window[0]]))
+    run(dataclasses.replace(config, set_aside_damaged=True))
+    after = [row.frame_indices for row in TokenReader(str(output)).load(video_id).frames]
+    assert [i for row in after for i in row] == list(range(20))
+    assert all(list(row) == list(range(row[0], row[-1] + 1)) for row in after), after
+    assert after == before, "the same frames give the same windows"
 
 
 def test_each_method_gets_back_exactly_what_it_lacks(tmp_path, tiny_clip_dir, ray_local):
