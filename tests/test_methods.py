@@ -19,6 +19,7 @@ from operators.encode import VisionEncoder
 from operators.frames import frame_rows
 from operators.holitom import holitom
 from operators.methods import HOLITOM_DEFAULTS, MethodSpec, parse_methods
+from operators.prumerge import prumerge
 from operators.towers import describe_tower
 from pipeline.config import EncodeConfig
 from pipeline.reader import TokenReader
@@ -104,7 +105,8 @@ def test_temporal_methods_refuse_what_they_cannot_reduce(tmp_path, tiny_clip_dir
 
 def test_four_methods_one_forward_per_frame_each_as_if_alone(tmp_path, tiny_clip_dir, ray_local):
     """Four methods: each frame goes through the tower once; each method's output holds what that method
-    alone writes (per-frame methods) and what HoliTom computes on the tower's output for the same frames."""
+    computes on the tower's output for the same decoded frames (PruMerge, PruMerge+, the fixed budget, HoliTom
+    over the video's frames as one segment)."""
     inputs = link_inputs(tmp_path / "in")
     output = tmp_path / "out"
     config = EncodeConfig(input=str(inputs), output=str(output), model=str(tiny_clip_dir), num_frames=6,
@@ -119,23 +121,11 @@ def test_four_methods_one_forward_per_frame_each_as_if_alone(tmp_path, tiny_clip
         assert record["status"] == "completed" and record["config"]["method"] == FOUR
         assert TokenReader(str(output / name)).metadata == {**record["run_metadata"], "schema_version": "4"}
 
-    for spec, name in zip(FOUR.split(",")[:3], FOUR_DIRS[:3]):
-        alone = tmp_path / f"alone-{name}"
-        run(dataclasses.replace(config, output=str(alone), method=spec))
-        got, want = rows_of(output / name), rows_of(alone)
-        assert got.keys() == want.keys() and len(got) == frames
-        for key, (covered, tokens, positions, scores, first, last) in want.items():
-            assert covered == (key[1],) and (first == key[1]).all() and (last == key[1]).all()
-            assert got[key][0] == covered and torch.equal(got[key][2], positions)
-            torch.testing.assert_close(got[key][1], tokens)
-            torch.testing.assert_close(got[key][3], scores)
-            assert torch.equal(got[key][4], first) and torch.equal(got[key][5], last)
-
-    # HoliTom: the tower's output for the same decoded frames, reduced here, one segment per video
+    # each method on the tower's output for the same decoded frames, computed here, one segment per video
     tower = describe_tower(str(tiny_clip_dir))
     resolved = config.for_tower(tower)
     encoder = VisionEncoder(str(tiny_clip_dir), device="cpu")
-    got = rows_of(output / "holitom-0.25")
+    outputs = {name: rows_of(output / name) for name in FOUR_DIRS}
     reader = TokenReader(str(output / "holitom-0.25"))
     assert reader.metadata["method"] == "holitom"
     assert reader.metadata["method_params"] == {"retention": 0.25, "importance": "cls", "segment_frames": 32,
@@ -145,8 +135,19 @@ def test_four_methods_one_forward_per_frame_each_as_if_alone(tmp_path, tiny_clip
                 if row["kind"] == "frame"]
         numbers = [row["frame_index"] for row in rows]
         out = encoder(tower.preprocessing.normalize(torch.from_numpy(np.concatenate([r["pixels"] for r in rows]))))
-        windows = holitom(out.features, out.importance, 0.25, **HOLITOM_DEFAULTS)
         [video_id] = [v for v in reader.video_ids() if reader.load(v).source_path.endswith(name)]
+        for spec in parse_methods(FOUR)[:3]:
+            got = outputs[spec.dirname]
+            want = prumerge(out.features, out.keys, out.importance, mode=spec.name, budget=spec.budget, k_neighbors=8)
+            assert [k for k in got if k[0] == video_id] == [(video_id, n) for n in numbers]
+            for number, tokens, positions, scores in zip(numbers, want.tokens, want.positions, want.scores):
+                covered, stored, stored_positions, stored_scores, first, last = got[video_id, number]
+                assert covered == (number,) and (first == number).all() and (last == number).all()
+                assert stored_positions.tolist() == positions.tolist()
+                torch.testing.assert_close(stored.float(), tokens.half().float())
+                torch.testing.assert_close(stored_scores, scores)
+        got = outputs["holitom-0.25"]
+        windows = holitom(out.features, out.importance, 0.25, **HOLITOM_DEFAULTS)
         assert [k for k in got if k[0] == video_id] == [(video_id, numbers[w.start]) for w in windows]
         for window in windows:
             covered, tokens, positions, scores, first, last = got[video_id, numbers[window.start]]
