@@ -139,6 +139,16 @@ def committed_files(fs: pafs.FileSystem, root: str, sub: str) -> list[str]:
     return sorted(i.path for i in infos if i.base_name.endswith(".parquet") and not i.base_name.startswith("."))
 
 
+def method_folders(fs: pafs.FileSystem, root: str) -> list[str]:
+    """The sub-folders of ``root`` holding a run record (``manifest.json``), sorted: one output per method
+    of a run with several (`--method a,b`). A missing ``root`` has none."""
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        return []
+    return sorted(info.base_name for info in fs.get_file_info(pafs.FileSelector(root))
+                  if info.type == pafs.FileType.Directory
+                  and fs.get_file_info(f"{info.path}/manifest.json").type == pafs.FileType.File)
+
+
 # -- shards and their index entries ----------------------------------------------------------------
 
 

@@ -27,8 +27,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.commit import (UNREADABLE, DamagedOutputError, OutputIndex, committed_files, read_index,
-                             read_parquet_files, read_verified)
+from pipeline.commit import (UNREADABLE, DamagedOutputError, OutputIndex, committed_files, method_folders,
+                             read_index, read_parquet_files, read_verified)
 from pipeline.inputs import filesystem_and_path
 from pipeline.schema import (ERROR_SCHEMA, READABLE_VERSIONS, differing_settings, expected_tiles,
                              read_file_metadata, shard_schema, upgrade_rows)
@@ -282,7 +282,7 @@ class TokenReader:
                     "before its first commit leaves such an output).")
             elif not committed_files(self.filesystem, self._root, "errors") and not self._has_run_record():
                 found = self.filesystem.get_file_info(self._root).type != pafs.FileType.NotFound
-                folders = self._method_folders() if found else []
+                folders = method_folders(self.filesystem, self._root)
                 if folders:
                     raise FileNotFoundError(
                         f"{self.out_dir} holds one output per method ({', '.join(folders)}) of a run with several "
@@ -305,12 +305,6 @@ class TokenReader:
                 "revisions, layers, methods or importance rules must not be mixed in one dataset:\n"
                 + "\n".join(lines) + "\nKeep each run in its own output directory.")
         return index
-
-    def _method_folders(self) -> list[str]:
-        """Sub-folders holding a run record: one output per method (`--method a,b`), sorted."""
-        infos = self.filesystem.get_file_info(pafs.FileSelector(self._root))
-        return sorted(info.base_name for info in infos if info.type == pafs.FileType.Directory
-                      and self.filesystem.get_file_info(f"{info.path}/manifest.json").type == pafs.FileType.File)
 
     def _has_run_record(self) -> bool:
         """Whether a run wrote its record here (``OUT/manifest.json``, ``OUT/runs/``), even if it committed nothing."""

@@ -23,7 +23,7 @@ from operators.preprocess import Preprocessing
 from operators.towers import TowerInfo, describe_tower
 from pipeline.config import EncodeConfig
 from pipeline.commit import (UNREADABLE, CommitState, DamagedOutputError, committed_files, error_files,
-                             merge_index_parts, prepare_output, read_error_rows)
+                             merge_index_parts, method_folders, prepare_output, read_error_rows)
 from pipeline.inputs import VIDEO_ID_RULE, InputItem, Listing, filesystem_and_path, list_inputs, redact_credentials
 from pipeline.lease import OutputLeases, OutputLocked
 from pipeline.report import failure_line
@@ -152,13 +152,9 @@ def check_layout(output: str, outputs: list[SinkOutput]) -> None:
             raise ValueError(f"{redact_credentials(output)} holds the output of a single method (or a run's record of "
                              "one); several methods write a folder each: use a new --output")
         return
-    if fs.get_file_info(root).type != pafs.FileType.Directory:
-        return
-    folders = [info.base_name for info in fs.get_file_info(pafs.FileSelector(root))
-               if info.type == pafs.FileType.Directory
-               and fs.get_file_info(f"{info.path}/manifest.json").type == pafs.FileType.File]
+    folders = method_folders(fs, root)
     if folders:
-        raise ValueError(f"{redact_credentials(output)} holds one folder per method ({', '.join(sorted(folders))}): "
+        raise ValueError(f"{redact_credentials(output)} holds one folder per method ({', '.join(folders)}): "
                          f"to add to one of them alone, give it as --output (e.g. {output.rstrip('/')}/{folders[0]})")
 
 

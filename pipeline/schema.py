@@ -137,18 +137,18 @@ def failure_table(rows: dict[str, np.ndarray], encoded: pa.Schema) -> pa.Table:
 def split_encoded(table: pa.Table, specs: int) -> list[tuple[pa.Table, pa.Table]]:
     """Per each of the ``specs`` methods: (its rows without the error and spec columns, its error rows in
     `ERROR_SCHEMA`) of an encoded table."""
-    failed = table.column("error_type").is_valid()
     dropped = [name for name, _ in [*ERROR_COLUMNS, SPEC_COLUMN]]
     split = []
     for spec in range(specs):
         mine = table.filter(pc.equal(table["spec"], spec))
-        errors = mine.filter(failed.filter(pc.equal(table["spec"], spec)))
+        failed = mine.column("error_type").is_valid()
+        errors = mine.filter(failed)
         errors = pa.Table.from_arrays(
             [errors["video_id"], errors["source_path"], errors["error_type"], errors["error_message"],
              errors["failed_frames"]],
             schema=ERROR_SCHEMA,
         )
-        split.append((mine.filter(pc.invert(mine.column("error_type").is_valid())).drop_columns(dropped), errors))
+        split.append((mine.filter(pc.invert(failed)).drop_columns(dropped), errors))
     return split
 
 
