@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -27,7 +28,9 @@ def free_port() -> int:
 def ray_head(tmp_path_factory):
     """`ray start --head` bound to 127.0.0.1 with token auth on (Ray's default); the whole group is killed after."""
     gcs_port, dashboard_port = free_port(), free_port()
-    env = dict(os.environ, RAY_AUTH_MODE="token")
+    # A token of its own: `ray start --head` with token auth on needs one (it writes ~/.ray/auth_token only
+    # when RAY_AUTH_MODE is unset), and a fresh machine has none.
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     log = open(tmp_path_factory.mktemp("ray-head") / "head.log", "w")
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",

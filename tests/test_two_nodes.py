@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -163,7 +164,7 @@ def two_nodes(tmp_path_factory):
     # this cluster is ever where a plain `ray.init()` looks.
     temp_dir = tempfile.mkdtemp(prefix="ray2n-", dir="/tmp")
     gcs_port = free_port()
-    env = project_env(RAY_AUTH_MODE="token")
+    env = project_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))  # a fresh machine has no token
     ray = ray_executable()
     logs = [logs_dir / "head.log", logs_dir / "second.log"]
     cluster = Cluster(gcs_port, env, logs, temp_dir)
