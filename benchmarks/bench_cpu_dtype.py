@@ -55,7 +55,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from operators.checkpoint import PROCESSOR_CONFIG  # noqa: E402
-from operators.decode import DecodedFrame, MediaError, VideoReader  # noqa: E402
+from operators.decode import DecodedFrame, VideoReader  # noqa: E402
+from operators.errors import MediaError  # noqa: E402
 from operators.encode import VisionEncoder  # noqa: E402
 from operators.preprocess import Preprocessing  # noqa: E402
 from operators.prumerge import EXTRA_TOKEN_POSITION, prumerge  # noqa: E402

@@ -1,24 +1,13 @@
-"""Video decoding with PyAV on the **presented-frame timeline**: the frames a player shows, in the order it
-shows them, at the times it shows them.
+"""Decoding sampled frames with PyAV on the presented-frame timeline (`operators.timeline`): frame k is
+the k-th frame a player shows, at the time it shows it.
 
-One `VideoReader` opens a file once. Its probe demuxes every packet of the video stream without
-decoding (plus the first frame, for the display rotation and to prove the stream decodes) and builds
-the timeline from the packets' presentation timestamps (pts):
-
-* ``frame_index`` k is the k-th presented frame: packets the container's edit list hides (FFmpeg flags
-  them *discard*) are not frames; the rest, sorted by pts, are. ``0 <= k < num_frames``.
-* ``timestamp_s`` is the frame's pts minus the container's start time (``AVFormatContext.start_time``),
-  in seconds: an MPEG-TS whose clock starts at 1.48 s shows its first frame at 0.0; a video track that
-  starts 2 s after its audio keeps its 2 s.
-* AVI stores no presentation timestamps (FFmpeg guesses them, off by one with B-frames), and a stream
-  may lack them: then frame k is the k-th frame decoded in order and its time is ``k / frame rate``
-  (``VideoInfo.time_source == "frame_rate"``).
-
-`VideoReader.frames` decodes sampled frames by seeking to the key frame at or before each target and
-decoding forward until the frame with the target's pts (the k-th of equal pts when several frames
-share one), so a frame's identity is its pts, never a count of packets. Frames come out upright (the
-container's display rotation applied) and scaled in FFmpeg's scaler to the requested size; a frame is
-never converted to RGB at source resolution. Frame-order streams are decoded in order from the start.
+One `VideoReader` opens a file once: it picks the video stream, refuses one it cannot decode, and
+probes its timeline (`operators.timeline.probe`). `VideoReader.frames` then decodes sampled frames by
+seeking to the key frame at or before each target (`operators.seek`) and decoding forward until the
+frame with the target's pts (the k-th of equal pts when several frames share one), so a frame's
+identity is its pts, never a count of packets. Frames come out upright (the container's display
+rotation applied) and scaled in FFmpeg's scaler to the requested size; a frame is never converted to
+RGB at source resolution. Frame-order streams are decoded in order from the start.
 
 What decoding forward costs is cut three ways, none of which changes a pixel of a target (the tests
 compare against decoding every frame in order): packets are sent to the decoder one by one, and a packet
@@ -32,106 +21,34 @@ decode ahead of a target and cost CPU that a seek throws away.
 Why not decord (the product card's decoder): decord 0.6 (and its fork decord2) index demuxed packets
 rather than presented frames and rebase times to the stream's own start; on real files (edit lists,
 MPEG-TS clocks, AVI without pts, delayed tracks, WebM without cues) it returns wrong pictures and
-times. `benchmarks/bench_decoders.py` measures both; the README gives the numbers.
+times. `benchmarks/bench_decoders.py` measures both; docs/decoder.md gives the numbers.
 
 Damaged files: a frame that cannot be decoded (or that the stream ends before) is reported as a
 `FrameError` and decoding goes on with the next sampled frame from its own key frame, so the frames
 before (and after) the damage are kept.
+
+Progress: a reader given a ``progress`` callable calls it for every packet it reads or decodes and every
+picture it decodes, so a watcher can tell a slow decode (an hour of a frame-order AVI decoded from the
+start) from a hung one.
 """
 
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal
 
 import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
+from operators.errors import VideoDecodeError
+from operators.seek import run_ends, run_starts, seek_positions
+from operators.timeline import Progress, VideoInfo, ffmpeg_reason, no_progress, probe
+
 DEFAULT_MAX_FRAME_PIXELS = 36_000_000  # 8K (8192x4320 is 35.4 Mpx); a larger frame is refused
-FRAME_ORDER_FORMATS = ("avi",)  # containers that store no presentation timestamps
-# containers whose seeks land on pictures stamped with another picture's pts (MPEG-PS): decoded from the start
-NO_SEEK_FORMATS = ("mpeg",)
-SEEK_KEY_FRAMES = 3  # key frames tried (each earlier than the last) before decoding from the stream's start
 INTRA_PICTURES = (av.video.frame.PictureType.I, av.video.frame.PictureType.SI, av.video.frame.PictureType.NONE)
-
-
-class MediaError(Exception):
-    """An input that cannot be decoded; ``path`` and ``reason`` say which and why. Permanent: running
-    again gives the same answer, so the job records it as an error row."""
-
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
-
-    def __reduce__(self):  # picklable across processes with its two arguments
-        return type(self), (self.path, self.reason)
-
-
-class VideoDecodeError(MediaError):
-    """A file that is not a decodable video (no video stream, unreadable container, absurd size)."""
-
-
-@dataclass(frozen=True)
-class VideoInfo:
-    """What the probe learns about a video. ``width``/``height`` are upright (after rotation)."""
-
-    path: str
-    num_frames: int  # presented frames
-    fps: float  # the stream's average frame rate (0.0 when the container does not say)
-    duration_s: float  # end of the last presented frame on the timeline (its start plus one frame)
-    width: int
-    height: int
-    rotation: int  # degrees counter-clockwise the display matrix turns the coded picture, to a quarter turn (0, ±90, 180)
-    codec: str
-    stream_index: int  # the video stream decoded (FFmpeg's "best" video stream)
-    timestamps_s: np.ndarray  # [num_frames] float64 presentation time of every frame, non-decreasing
-    time_source: Literal["pts", "frame_rate"]  # where the timestamps come from (see the module docstring)
-    key_frame_indices: np.ndarray  # [k] int64 presented frames that are key frames (empty: frame-order streams)
-    unreadable_tail: str | None = None  # why the container could not be read to its end (frames beyond are lost)
-
-    def summary(self) -> dict:
-        """The probe without the per-frame times: what the shards record per video."""
-        return {
-            "codec": self.codec,
-            "stream_index": self.stream_index,
-            "rotation": self.rotation,
-            "width": self.width,
-            "height": self.height,
-            "num_frames": self.num_frames,
-            "fps": self.fps,
-            "duration_s": self.duration_s,
-            "time_source": self.time_source,
-        }
-
-
-def _shown(packets: list[tuple]) -> list[tuple]:
-    """The packets (pts, dts, key, discard) a player shows: not discarded, from the first key frame in
-    decoding order on, and not placed before that key frame. Without any key-frame flag, all that are
-    not discarded."""
-    first_key = next((i for i, (_, _, key, _) in enumerate(packets) if key), None)
-    if first_key is None:
-        return [p for p in packets if not p[3]]
-    key_pts = packets[first_key][0]
-    return [p for p in packets[first_key:]
-            if not p[3] and not (key_pts is not None and p[0] is not None and p[0] < key_pts)]
-
-
-def _quarter_turns(degrees: float | None) -> int:
-    """A display rotation as quarter turns counter-clockwise in -1..2 (the nearest; pictures are only
-    ever turned by quarter turns)."""
-    turns = int(round((degrees or 0.0) / 90.0)) % 4
-    return turns - 4 if turns == 3 else turns
-
-
-def _reason(error: BaseException) -> str:
-    """FFmpeg's message without the errno number, or the first line of any other error."""
-    if isinstance(error, av.FFmpegError) and error.strerror:
-        return error.strerror[:300]
-    return _first_line(error)
 
 
 @dataclass(frozen=True)
@@ -150,11 +67,6 @@ class FrameError:
 SizeFor = Callable[[int, int], tuple[int, int]]  # upright source (width, height) -> decoded (width, height)
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else type(error).__name__
-
-
 class VideoReader:
     """One open video: its probe (`info`) and its frames (`frames`). Use as a context manager.
 
@@ -163,24 +75,29 @@ class VideoReader:
         max_pixels: a coded frame larger than this (width x height) is refused before any decoding.
         threads: FFmpeg decoding threads (0: FFmpeg's choice; frame threads decode ahead of a target, so
             more threads cost more CPU per sampled frame for less wall time).
+        progress: called for every packet read or decoded and every picture decoded (see the module).
 
     Raises:
         VideoDecodeError: the file cannot be opened, holds no video stream (or only an attached
-            picture such as an audio file's cover), is too large, has no frames, or its first frame
-            cannot be decoded.
+            picture such as an audio file's cover), has no decoder for its codec, is too large, has no
+            frames, or its first frame cannot be decoded.
     """
 
-    def __init__(self, path: str, max_pixels: int = DEFAULT_MAX_FRAME_PIXELS, threads: int = 1) -> None:
+    def __init__(self, path: str, max_pixels: int = DEFAULT_MAX_FRAME_PIXELS, threads: int = 1,
+                 progress: Progress = no_progress) -> None:
         self.path = path
+        self.progress = progress
         try:
             self._container = av.open(path)
         except (av.FFmpegError, OSError, ValueError) as error:
-            raise VideoDecodeError(path, f"cannot open the file as a video: {_reason(error)}") from error
+            raise VideoDecodeError(path, f"cannot open the file as a video: {ffmpeg_reason(error)}") from error
         try:
             self._stream = self._video_stream(max_pixels)
             self._stream.thread_type = "AUTO"
             self._stream.codec_context.thread_count = threads
-            self.info, self._pts, self._keys = self._probe()
+            self.info, timeline = probe(self._container, self._stream, path, progress)
+            self._pts = timeline.pts  # [num_frames] int64 pts of each presented frame
+            self._keys = timeline.keys  # [k, 2] int64 (pts, dts) of the key frames a seek may go to
             self._key_flags = bool(len(self._keys))  # whether the stream flags key frames (seeks are to them)
         except BaseException:
             self._container.close()
@@ -205,117 +122,25 @@ class VideoReader:
             raise VideoDecodeError(self.path, f"no video stream; streams: {kinds}")
         best = streams.best("video")
         stream = best if best in moving else moving[0]
+        if stream.codec_context is None:  # FFmpeg has no decoder for it (unknown FourCC, damaged sample description)
+            raise VideoDecodeError(self.path, f"no decoder for the video stream ({self._describe(stream)}): an unknown "
+                                              "codec tag, or a damaged codec description")
         width, height = stream.codec_context.width, stream.codec_context.height
         if width * height > max_pixels:
             raise VideoDecodeError(
                 self.path, f"{width}x{height} frames exceed the frame pixel limit {max_pixels} (--max-frame-pixels)")
         return stream
 
-    def _probe(self) -> tuple[VideoInfo, np.ndarray, np.ndarray]:
-        """Demux every packet of the stream (decoding only up to the first picture) → the presented timeline.
-
-        Shown frames: the packets the edit list does not hide (FFmpeg's *discard* flag), from the first
-        key frame on (a stream joined mid-GOP starts with pictures that cannot be decoded, and a player
-        does not show them), without those placed before that key frame (open-GOP leading pictures).
-        """
-        stream = self._stream
-        packets: list[tuple[int | None, int | None, bool, bool]] = []  # (pts, dts, key, discard), demux order
-        first = None
-        stopped = None
+    def _describe(self, stream: av.video.stream.VideoStream) -> str:
+        """How FFmpeg describes ``stream`` (codec name or ``none``, codec tag): ``none (ZQZQ / 0x515A515A), ...``."""
+        level = av.logging.get_level()
+        av.logging.set_level(av.logging.INFO)  # dumps_format captures FFmpeg's log at INFO
         try:
-            for packet in self._container.demux(stream):
-                if packet.size == 0:
-                    continue  # the demuxer's end-of-stream flush packet
-                packets.append((packet.pts, packet.dts, packet.is_keyframe, packet.is_discard))
-                if first is None:
-                    first = self._decode_first(packet)
-        except av.FFmpegError as error:
-            stopped = f"the container cannot be read past {len(packets)} packets: {_reason(error)}"
-        if stopped is None and self._indexes_samples() and stream.frames > len(packets):
-            stopped = f"the container lists {stream.frames} frames but holds the data of {len(packets)} (truncated file?)"
-        shown = _shown(packets)
-        if not shown:
-            if stopped:
-                raise VideoDecodeError(self.path, stopped)
-            raise VideoDecodeError(self.path, "the video stream has no frames")
-        if first is None:
-            first = self._first_frame_by_flushing()
-        rotation = _quarter_turns(first.rotation) * 90
-        width, height = (first.height, first.width) if rotation % 180 else (first.width, first.height)
-        fps = float(stream.average_rate or stream.guessed_rate or 0.0)
-        pts = [p[0] for p in shown]
-        dts = [p[1] for p in packets if p[1] is not None]
-        # AVI stores no pts; a stream may lack some; a concatenated stream's clock jumps back (dts decrease):
-        # in all three the frames' order is their decoding order and their time k / fps.
-        frame_order = (self._container.format.name in FRAME_ORDER_FORMATS or any(p is None for p in pts)
-                       or any(b < a for a, b in zip(dts, dts[1:])))
-        if frame_order:
-            if not fps:
-                raise VideoDecodeError(self.path, "the stream has neither usable presentation timestamps nor a frame rate")
-            timeline = np.arange(len(pts), dtype=np.int64)
-            times = timeline / fps
-            keys = np.zeros((0, 2), dtype=np.int64)  # never seek: frames are counted from the start
-        else:
-            timeline = np.sort(np.asarray(pts, dtype=np.int64))
-            start = self._container.start_time  # microseconds, the container's own clock origin
-            base = float(stream.time_base)
-            origin = start / 1e6 if start is not None else timeline[0] * base
-            times = timeline * base - origin
-            # where to seek for a key frame: demuxers seek by pts (MP4, Matroska) or dts (MPEG-TS); dts <= pts
-            keys = np.unique(np.array([(p, d if d is not None else p) for p, d, key, _ in packets
-                                       if key and p is not None], dtype=np.int64).reshape(-1, 2), axis=0)
-            if self._container.format.name in NO_SEEK_FORMATS:
-                keys = keys[:0]  # one pass from the start (the stream's start is the one position sought)
-        shown_keys = np.unique(np.searchsorted(timeline, keys[np.isin(keys[:, 0], timeline), 0]))  # the shown key frames
-        step = 1.0 / fps if fps else (float(np.median(np.diff(times))) if len(times) > 1 else 0.0)
-        info = VideoInfo(
-            path=self.path,
-            num_frames=len(timeline),
-            fps=fps,
-            duration_s=float(times[-1] + step),
-            width=int(width),
-            height=int(height),
-            rotation=rotation,
-            codec=stream.codec_context.name,
-            stream_index=stream.index,
-            timestamps_s=times.astype(np.float64),
-            time_source="frame_rate" if frame_order else "pts",
-            key_frame_indices=shown_keys.astype(np.int64),
-            unreadable_tail=f"{stopped}; frames after {times[-1]:.3f} s are lost" if stopped else None,
-        )
-        return info, timeline, keys
-
-    def _indexes_samples(self) -> bool:
-        """Whether the container's frame count is an index of every sample (MP4/MOV: the sample table), so
-        fewer packets than it lists means lost data. AVI's header count is not (packed B-frames: 150
-        listed, 149 packets in a playable file); Matroska and MPEG-TS give none."""
-        return "mp4" in self._container.format.name.split(",")
-
-    def _decode_first(self, packet: av.Packet) -> av.VideoFrame | None:
-        """The first picture, fed packet by packet; a key frame is decoded alone (the decoder drained at
-        once rather than fed the frames its reordering delay holds back). A packet the decoder rejects is
-        skipped (a damaged start must not end the demux pass: the frames it hides are reported when they
-        are sampled)."""
-        context = self._stream.codec_context
-        try:
-            frames = context.decode(packet)
-            if not frames and packet.is_keyframe:
-                try:
-                    frames = context.decode(None)
-                finally:
-                    context.flush_buffers()  # out of the drained state, for the next packet or the first seek
-        except av.FFmpegError:
-            return None
-        return frames[0] if frames else None
-
-    def _first_frame_by_flushing(self) -> av.VideoFrame:
-        """The decoder holds frames back (B-frames, frame threads) until it is flushed."""
-        try:
-            for frame in self._stream.codec_context.decode(None):
-                return frame
-        except av.FFmpegError as error:
-            raise VideoDecodeError(self.path, f"cannot decode the first frame: {_reason(error)}") from error
-        raise VideoDecodeError(self.path, "cannot decode the first frame: the decoder returned no picture")
+            dump = self._container.dumps_format()
+        finally:
+            av.logging.set_level(level)
+        found = re.search(rf"Stream #0:{stream.index}\b[^:]*: Video: ([^,\n]*)", dump)
+        return f"stream {stream.index}: {found.group(1)[:100]}" if found else f"stream {stream.index}, codec unknown"
 
     def frames(self, frame_indices: np.ndarray, size_for: SizeFor | None = None) -> Iterator[DecodedFrame | FrameError]:
         """Decode ``frame_indices`` (increasing presented-frame numbers) one after the other.
@@ -351,6 +176,7 @@ class VideoReader:
             return
         try:
             for frame in self._container.decode(self._stream):
+                self.progress()
                 position += 1
                 if position == target:
                     yield DecodedFrame(target, float(self.info.timestamps_s[target]), convert(frame))
@@ -359,29 +185,21 @@ class VideoReader:
                         return
             reason = f"the stream ends after {position + 1} of {self.info.num_frames} frames"
         except av.FFmpegError as error:
-            reason = f"cannot be decoded: {_reason(error)}"
+            reason = f"cannot be decoded: {ffmpeg_reason(error)}"
         for index in ([target] if target is not None else []) + list(wanted):
             yield FrameError(index, reason)
 
     def _by_pts(self, indices: np.ndarray, convert: _Converter) -> Iterator[DecodedFrame | FrameError]:
         targets = self._pts[indices].tolist()  # [n] pts of every target
-        # Targets are decoded in runs: one seek, then decoding on to the next target, which is cheaper than a
-        # seek unless that target's key frame lies after the one before (or they share a pts).
-        starts = [i == 0 or target == targets[i - 1] or self._key_after(targets[i - 1], target)
-                  for i, target in enumerate(targets)]
-        run_ends = [0] * len(targets)  # run_ends[i]: the index past the last target of i's run
-        end = len(targets)
-        for i in reversed(range(len(targets))):
-            run_ends[i] = end
-            if starts[i]:
-                end = i
+        starts = run_starts(targets, self._keys)  # which targets start a run (`operators.seek`)
+        ends = run_ends(starts)  # ends[i]: the index past the last target of i's run
         decoder: Iterator[av.VideoFrame] | None = None
         last_pts: int | None = None  # pts of the last frame the decoder returned
         for i, index in enumerate(indices.tolist()):
             target = targets[i]
             rank = index - int(np.searchsorted(self._pts, target, side="left"))  # among frames of equal pts
             must_seek = decoder is None or starts[i] or last_pts is None or last_pts >= target
-            attempts = self._seeks(target, targets[i:run_ends[i]])
+            attempts = self._seeks(target, targets[i:ends[i]])
             result: DecodedFrame | FrameError | _Missed | None = None
             for position, wanted in attempts if must_seek else itertools.chain([(None, None)], attempts):
                 if position is not None:
@@ -398,17 +216,12 @@ class VideoReader:
 
     def _seeks(self, target: int, run: list[int]) -> Iterator[tuple[int, np.ndarray | None]]:
         """The ways to reach ``target`` from a seek, in the order tried: (position, wanted pts) for each of
-        `_seek_positions` with ``run`` (this target and those decoded on from it) wanted, then the first
+        `operators.seek.seek_positions` with ``run`` (this target and those decoded on from it) wanted, then the first
         position again decoding every packet (the last resort). Made when tried: most targets never seek."""
-        positions = self._seek_positions(self._keys[self._keys[:, 0] <= target])
+        positions = seek_positions(self._keys, target)
         wanted = np.asarray(run, dtype=np.int64)
         yield from ((position, wanted) for position in positions)
         yield positions[0], None
-
-    def _key_after(self, previous: int, target: int) -> bool:
-        """Whether a key frame lies after pts ``previous`` and at or before pts ``target``."""
-        keys = self._keys[:, 0]
-        return bool(np.searchsorted(keys, target, side="right") > np.searchsorted(keys, previous, side="right"))
 
     def _decoded_frames(self, wanted: np.ndarray | None) -> Iterator[av.VideoFrame]:
         """The frames decoded from the container's position, packet by packet.
@@ -434,6 +247,7 @@ class VideoReader:
         check: int | None = None  # that key frame's pts, until the first picture from it on is checked
         try:
             for packet in self._container.demux(self._stream):
+                self.progress()
                 if packet.size == 0:
                     continue  # the demuxer's end-of-stream packet: drained below
                 if not started:
@@ -468,24 +282,13 @@ class VideoReader:
         finally:
             context.skip_frame = "DEFAULT"
 
-    def _seek_positions(self, keys: np.ndarray) -> list[int]:
-        """Where to seek for a target whose key frames at or before it are ``keys [k, 2]`` (pts, dts), in the
-        order tried: the last key frame by its pts (MP4, Matroska index by it), then by its dts (MPEG-TS
-        seeks by dts: a pts lands a key frame late), then earlier key frames, then the stream's start. A
-        position that lands after the target is detected (the first frame is later than it) and the next
-        one is tried."""
-        positions = []
-        for pts, dts in keys[::-1][:SEEK_KEY_FRAMES].tolist():
-            positions += [pts] if pts == dts else [pts, dts]
-        positions.append(int(self._keys[:, 1].min()) if len(self._keys) else 0)
-        return list(dict.fromkeys(positions))
-
     def _decode_until(self, decoder, target: int, rank: int, index: int, convert: _Converter):
         """Decode forward to the frame ``(target pts, rank)``: (result, decoder, last pts seen)."""
         seen = 0
         last_pts = None
         try:
             for frame in decoder:
+                self.progress()
                 if frame.pts is None:
                     continue  # a picture without a time cannot be placed on the timeline
                 last_pts = frame.pts
@@ -499,7 +302,7 @@ class VideoReader:
                     return DecodedFrame(index, float(self.info.timestamps_s[index]), convert(frame)), decoder, last_pts
                 seen += 1
         except av.FFmpegError as error:
-            return FrameError(index, f"cannot be decoded: {_reason(error)}"), None, last_pts
+            return FrameError(index, f"cannot be decoded: {ffmpeg_reason(error)}"), None, last_pts
         except _NotIntra as not_intra:
             self._keys = self._keys[self._keys[:, 0] != not_intra.pts]  # never seek to it again
             return _Missed(str(not_intra)), None, last_pts

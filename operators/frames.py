@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from operators.decode import DEFAULT_MAX_FRAME_PIXELS, FrameError, MediaError, VideoReader
+from operators.decode import DEFAULT_MAX_FRAME_PIXELS, FrameError, VideoReader
+from operators.errors import MediaError
 from operators.images import DEFAULT_MAX_PIXELS, image_format, load_image
 from operators.preprocess import Preprocessing
 from operators.sampling import FrameSampling, sample_frame_indices

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import numpy as np
 from PIL import Image, ImageOps
 
-from operators.decode import MediaError
+from operators.errors import MediaError
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP")
 DEFAULT_MAX_PIXELS = 64_000_000  # e.g. 8000 x 8000; far above any AnyRes grid, far below an OOM

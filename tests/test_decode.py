@@ -9,7 +9,10 @@ import av
 import numpy as np
 import pytest
 
-from operators.decode import DecodedFrame, FrameError, VideoDecodeError, VideoReader
+from operators.decode import DecodedFrame, FrameError, VideoReader
+from operators.errors import VideoDecodeError
+from operators.seek import run_ends, run_starts, seek_positions
+from operators.timeline import build_timeline
 from operators.frames import FrameRequest, frame_rows
 from operators.preprocess import Preprocessing
 from operators.sampling import FrameSampling, nearest_key_frames, sample_frame_indices
@@ -291,6 +294,60 @@ def test_unopenable_files_raise_one_typed_error(tmp_path):
         with pytest.raises(VideoDecodeError) as caught:
             VideoReader(path)
         assert caught.value.path == path and path in str(caught.value) and caught.value.reason
+
+
+def test_a_stream_without_a_decoder_is_a_media_error_naming_its_codec(tmp_path):
+    """PyAV gives no codec context for a stream FFmpeg cannot decode (an unknown FourCC, a damaged sample
+    description): that is the file's fault, said with the tag FFmpeg read, never an AttributeError."""
+    data = open(hostile("avi_xvid_bframes.avi"), "rb").read()
+    patched = tmp_path / "unknown_fourcc.avi"
+    patched.write_bytes(data.replace(b"XVID", b"ZQZQ"))
+    with pytest.raises(VideoDecodeError, match=r"no decoder for the video stream \(stream 0: none \(ZQZQ / 0x515A515A\)"):
+        VideoReader(str(patched))
+    moov = bytearray(open(hostile("one_frame.mp4"), "rb").read())
+    at = moov.index(b"stsd") + 16  # the type of the sample description's first entry: avc1
+    assert moov[at:at + 4] == b"avc1"
+    moov[at:at + 4] = b"\0\0\0\0"  # the stream's codec becomes unknown
+    damaged = tmp_path / "damaged_stsd.mp4"
+    damaged.write_bytes(bytes(moov))
+    with pytest.raises(VideoDecodeError, match="no decoder for the video stream"):
+        VideoReader(str(damaged))
+
+
+def test_the_timeline_rules_without_ffmpeg():
+    """`build_timeline` on packet lists: discarded packets and leading pictures before the first key frame
+    are not frames; frames sort by pts; times start at the container's start; a stream without pts or whose
+    dts jump back is in decoding order at k / fps; MPEG-PS is never sought."""
+    packets = [(-2, -3, False, False), (0, -2, True, True), (6, -1, False, False), (2, 0, False, False),
+               (4, 1, False, False), (12, 2, True, False), (8, 3, False, False), (10, 4, False, False)]
+    timeline = build_timeline(packets, "mov,mp4,m4a,3gp,3g2,mj2", 25.0, 1 / 50, 40_000)
+    assert timeline.pts.tolist() == [2, 4, 6, 8, 10, 12] and timeline.time_source == "pts"
+    np.testing.assert_allclose(timeline.timestamps_s, [0.0, 0.04, 0.08, 0.12, 0.16, 0.2])
+    assert timeline.keys.tolist() == [[0, -2], [12, 2]] and timeline.key_frame_indices.tolist() == [5]
+    assert len(build_timeline(packets, "mpeg", 25.0, 1 / 50, None).keys) == 0
+    unstamped = [(None, None, True, False), (None, None, False, False), (None, None, False, False)]
+    order = build_timeline(unstamped, "avi", 10.0, 1.0, None)
+    assert order.time_source == "frame_rate" and order.timestamps_s.tolist() == [0.0, 0.1, 0.2]
+    assert build_timeline([(5, 5, True, False), (6, 2, False, False)], "mpegts", 2.0, 1.0, None).time_source == \
+        "frame_rate", "a clock that jumps back"
+    with pytest.raises(VideoDecodeError, match="no frames"):
+        build_timeline([(0, 0, True, True)], "matroska,webm", 25.0, 0.001, None)
+    with pytest.raises(VideoDecodeError, match="neither usable presentation timestamps nor a frame rate"):
+        build_timeline(unstamped, "avi", 0.0, 1.0, None)
+
+
+def test_seek_planning_without_ffmpeg():
+    """Targets between two key frames are one run; a key frame between two targets, or a repeated pts,
+    starts a new run; seeks go to the key frame at or before a target (by pts, then dts), earlier ones,
+    then the stream's start."""
+    keys = np.array([[0, -2], [10, 8], [20, 20]], dtype=np.int64)
+    targets = [1, 5, 12, 12, 25]
+    starts = run_starts(targets, keys)
+    assert starts == [True, False, True, True, True]
+    assert run_ends(starts) == [2, 2, 3, 4, 5]
+    assert seek_positions(keys, 12) == [10, 8, 0, -2]
+    assert seek_positions(keys, 25) == [20, 10, 8, 0, -2]
+    assert seek_positions(np.zeros((0, 2), dtype=np.int64), 3) == [0]
 
 
 def test_damaged_file_keeps_the_frames_before_the_damage():
