@@ -2,7 +2,7 @@
 
 Makes synthetic outputs itself (no model): shard tables in the shard schema (hidden size 32, 4 tokens
 per row, one view per frame, rows sorted by key, whole frames per shard), committed with
-`pipeline.commit.commit_shard` and merged with `merge_index_parts`, as the job's write tasks and
+`pipeline.index.commit_shard` and merged with `merge_index_parts`, as the job's write tasks and
 driver do. Every measure runs in a fresh process, which first imports what it needs and runs the same
 code on a 20-video output (first-use costs); then its peak RSS is reset to its current RSS
 (``/proc/self/clear_refs``) and the measure's peak memory is the peak RSS (``VmHWM``; ``ru_maxrss``
@@ -11,7 +11,7 @@ inputs, which the job's driver holds anyway, are in the baseline.
 
 1. Resume: the driver's start on an output of ``--videos`` videos × 20 frames (1 % of them with only
    their first 10 frames committed, as an interrupted run leaves them) in ~1,300 shard files:
-   `prepare_output` + `pending_rows` for every input, against the previous design (every shard's
+   `prepare_output` + `input_rows` for every input, against the previous design (every shard's
    ``(video_id, frame_index)`` keys read into Python sets, as ``read_committed`` did, and the old
    ``pending_rows``). The reader's start on the same output is measured too.
 2. Write statistics: the driver aggregating the ``WriteStats`` of ~1,000 write tasks for the same
@@ -105,7 +105,7 @@ def shard_table(keys: list[tuple[int, int]], names: list[tuple[str, str]], sampl
     counts = np.full(n, TOKENS_PER_ROW)
     tokens = rng.standard_normal((n * TOKENS_PER_ROW, HIDDEN), dtype=np.float32).astype(np.float16)
     info = {"codec": "h264", "stream_index": 0, "rotation": 0, "width": 640, "height": 360, "num_frames": 600,
-            "fps": 30.0, "duration_s": 20.0, "time_source": "pts", "sampled_frames": sampled}
+            "fps": 30.0, "duration_s": 20.0, "time_source": "pts", "sampled_frames": sampled, "unreadable_tail": None}
     source_info = pa.StructArray.from_arrays([pa.repeat(pa.scalar(info[f.name], f.type), n) for f in SOURCE_INFO],
                                              fields=list(SOURCE_INFO))
     schema = shard_schema(HIDDEN)
@@ -126,6 +126,7 @@ def shard_table(keys: list[tuple[int, int]], names: list[tuple[str, str]], sampl
         "first_frames": ragged(np.repeat(frames, TOKENS_PER_ROW), counts, pa.int32()),
         "last_frames": ragged(np.repeat(frames, TOKENS_PER_ROW), counts, pa.int32()),
         "source_info": source_info,
+        "attempt": pa.array(np.ones(n, np.int32)),
     }
     return pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema)
 
@@ -142,21 +143,20 @@ def write_output(output: Path, names: list[tuple[str, str]], keys: list[tuple[in
     """Commit ``keys`` in shards of ``frames_per_shard`` frames (the inputs in listing order, as write
     tasks get them; each shard sorted by key), then merge the index parts as the job's driver does."""
     import numpy as np
-    import pyarrow.fs as pafs
 
-    from pipeline.commit import commit_shard, merge_index_parts
+    from pipeline.index import commit_shard, merge_index_parts
+    from pipeline.store import Store
 
-    fs, root = pafs.LocalFileSystem(), str(output)
-    for sub in ("shards", "index", "errors"):
-        fs.create_dir(f"{root}/{sub}", recursive=True)
+    store = Store(str(output))
+    store.make_folders("shards", "index", "errors")
     rng = np.random.default_rng(0)
     started, shards, size = time.perf_counter(), 0, 0
     for start in range(0, len(keys), frames_per_shard):
-        commit = commit_shard(fs, root, shard_table(keys[start:start + frames_per_shard], names,
-                                                    metadata["sampling"]["num_frames"], rng), metadata)
+        commit = commit_shard(store, shard_table(keys[start:start + frames_per_shard], names,
+                                                 metadata["sampling"]["num_frames"], rng), metadata)
         shards, size = shards + 1, size + commit.bytes
     committed = time.perf_counter()
-    parts = merge_index_parts(fs, root, RUN_ID)
+    parts = merge_index_parts(store, RUN_ID)
     return {"rows": len(keys), "videos": len({v for v, _ in keys}), "shards": shards, "shard_mb": size / 2**20,
             "commit_s": committed - started, "merge_s": time.perf_counter() - committed, "parts": parts}
 
@@ -209,12 +209,15 @@ def load_items(names_file: str):
 
 
 def _resume_new(output: str, items) -> tuple[list[dict], dict]:
-    from pipeline.commit import prepare_output
-    from pipeline.run import pending_rows
+    from pipeline.plan import input_rows
+    from pipeline.repair import prepare_output
+    from pipeline.store import Store
 
-    prepared = prepare_output(output, run_metadata(FRAMES), set_aside=False)
-    details = {"index_files": len(prepared.index.files), "index_entries": prepared.index.entries.num_rows}
-    return pending_rows(items, prepared.state), details
+    prepared = prepare_output(Store(output), run_metadata(FRAMES), set_aside=False)
+    rows = input_rows(items, [prepared.state], 1)
+    details = {"index_files": len(prepared.index.files), "index_entries": prepared.index.entries.num_rows,
+               "done_frames": sum(len(row["settled"][0]) for row in rows)}
+    return rows, details
 
 
 def old_pending_rows(inputs, done: dict, failed: dict, sampled: dict) -> list[dict]:
@@ -236,8 +239,8 @@ def _resume_old(output: str, items) -> tuple[list[dict], dict]:
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
-    from pipeline.commit import committed_files
     from pipeline.inputs import filesystem_and_path
+    from pipeline.store import committed_files
 
     fs, root = filesystem_and_path(output)
     files = committed_files(fs, root, "shards")
@@ -250,7 +253,8 @@ def _resume_old(output: str, items) -> tuple[list[dict], dict]:
         done.setdefault(video_id, set()).add(frame_index)
         sampled[video_id] = count
     del table
-    return old_pending_rows(items, done, {}, sampled), {"files": len(files)}  # no error files in these outputs
+    rows = old_pending_rows(items, done, {}, sampled)  # no error files in these outputs
+    return rows, {"files": len(files), "done_frames": sum(len(row["done_frames"]) for row in rows)}
 
 
 def _measure_resume(resume, output: str, names_file: str, warm_output: str, warm_names_file: str) -> dict:
@@ -263,12 +267,11 @@ def _measure_resume(resume, output: str, names_file: str, warm_output: str, warm
     rows, details = resume(output, items)
     wall = time.perf_counter() - started
     return {"wall_s": wall, "peak_mb": peak_mb() - baseline, "baseline_mb": baseline, "pending": len(rows),
-            "done_frames": sum(len(row["done_frames"]) for row in rows), "held_mb": proc_mb("VmRSS") - baseline,
-            **details}
+            "held_mb": proc_mb("VmRSS") - baseline, **details}
 
 
 def measure_resume_new(*paths: str) -> dict:
-    """`prepare_output` + `pending_rows`, what `pipeline.run._encode` does before it builds the graph."""
+    """`prepare_output` + `input_rows`, what `pipeline.run._encode` does before it builds the graph."""
     return _measure_resume(_resume_new, *paths)
 
 
@@ -281,12 +284,14 @@ def measure_stats(design: str, returns_file: str) -> dict:
     """The driver's ``on_write_complete``: every write task's returned stats (unpickled, as Ray hands
     them over, all at once) summed into one."""
     if design == "new":
-        from pipeline.sink import ShardSink, SinkOutput, WriteStats
+        from pipeline.outputs import MethodOutput
+        from pipeline.sink import ShardSink, WriteReturn, WriteStats
         from ray.data.datasource.datasink import WriteResult
 
-        sink = ShardSink([SinkOutput("/nonexistent", run_metadata(FRAMES))], RUN_ID, 1500, 256 * 2**20, 577)
-        make = lambda r: [WriteStats(rows=r["rows"], frames=r["frames"], tokens=r["tokens"],  # noqa: E731
-                                     bytes=r["bytes"], files=r["files"], encoded_videos=set(r["videos"]))]
+        sink = ShardSink([MethodOutput("/nonexistent", run_metadata(FRAMES))], 1500, 256 * 2**20, 577)
+        make = lambda r: WriteReturn([WriteStats(rows=r["rows"], frames=r["frames"], tokens=r["tokens"],  # noqa: E731
+                                                 bytes=r["bytes"], files=r["files"], encoded_videos=set(r["videos"]))],
+                                     {})
     else:
         sink = OldSink()
         make = lambda r: OldWriteStats(rows=r["rows"], tokens=r["tokens"], bytes=r["bytes"], files=r["files"],  # noqa: E731
@@ -302,7 +307,7 @@ def measure_stats(design: str, returns_file: str) -> dict:
             except EOFError:
                 break
     received = time.perf_counter()
-    rows = sum(r[0].rows if isinstance(r, list) else r.rows for r in returns)
+    rows = sum(r.stats[0].rows if hasattr(r, "stats") else r.rows for r in returns)
     sink.on_write_complete(WriteResult(num_rows=rows, size_bytes=0, write_returns=returns))
     wall = time.perf_counter() - started
     total = sink.stats[0] if isinstance(sink.stats, list) else sink.stats
@@ -379,8 +384,8 @@ def _reader_old(output: str, video: str) -> dict:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from pipeline.commit import committed_files
     from pipeline.inputs import filesystem_and_path
+    from pipeline.store import committed_files
 
     started = time.perf_counter()
     fs, root = filesystem_and_path(output)
@@ -557,7 +562,7 @@ def bench_resume(work: Path, size: dict, mode: str, warm: tuple[str, str, str]) 
                                            f"committed in {made['commit_s']:.0f} s, {made['parts']:,} index parts "
                                            f"merged in {made['merge_s']:.1f} s"))
     new = child("resume-new", str(output), str(names_file), warm[0], warm[1])
-    say(f"[{mode}] resume, index (prepare_output + pending_rows, {videos:,} inputs): {new['wall_s']:.2f} s, "
+    say(f"[{mode}] resume, index (prepare_output + input_rows, {videos:,} inputs): {new['wall_s']:.2f} s, "
         f"driver peak +{mib(new['peak_mb'])} MiB over {new['baseline_mb']:.0f} MiB after imports and warm-up "
         f"(+{mib(new['held_mb'])} MiB held after); {new['index_files']} index file(s), {new['index_entries']:,} "
         f"entries; {new['pending']:,} inputs pending with {new['done_frames']:,} done frames")

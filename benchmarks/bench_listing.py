@@ -7,7 +7,7 @@ output, each run in a fresh process with the tiny random tower and ``--num-frame
 every input, the second finds everything committed (resume) and encodes nothing. For each run it prints
 
 - ``listing_s``: `pipeline.inputs.list_inputs` on the input root (walk, real paths, ids);
-- ``planning_s``: reading what the output holds (`read_commit_state`) and choosing what to do (`pending_rows`);
+- ``planning_s``: reading what the output holds (`read_state`) and choosing what to do (`input_rows`);
 - ``job_s``: the whole job (it lists and plans again, then runs the graph);
 - ``driver_peak_mb``: the driver process's peak resident memory over all of it (``ru_maxrss``).
 
@@ -48,14 +48,15 @@ def make_inputs(root: Path, copies: Path, count: int) -> None:
 def measure(root: str, output: str, model: str) -> dict:
     """One run, in this (fresh) process: listing and planning timed alone, then the whole job."""
     from pipeline.config import EncodeConfig
-    from pipeline.commit import read_commit_state
-    from pipeline.inputs import list_inputs
-    from pipeline.run import pending_rows, run
+    from pipeline.inputs import filesystem_and_path, list_inputs
+    from pipeline.plan import input_rows
+    from pipeline.run import run
+    from pipeline.state import read_state
 
     started = time.perf_counter()
     listing = list_inputs(root, "video")
     listed = time.perf_counter()
-    rows = pending_rows(listing.items, read_commit_state(output))
+    rows = input_rows(listing.items, [read_state(*filesystem_and_path(output))], 1)
     planned = time.perf_counter()
     summary = run(EncodeConfig(input=root, output=output, model=model, num_frames=1, batch_size=64,
                                log_level="WARNING"))

@@ -1,7 +1,7 @@
 """Does the graph keep a GPU-class encoder fed? The real job, with only the encoder made fast, against the
 machine's decode-only limit.
 
-The stand-in (`GpuClassStandIn`) is the job's own `pipeline.stages.EncodeTokens` with its device work
+The stand-in (`GpuClassStandIn`) is the job's own `pipeline.encoder.EncodeTokens` with its device work
 (`EncodeTokens.reduce`: one tower forward and PruMerge) replaced by a sleep of ``--ms-per-view`` per view
 (1 ms: an H100 runs CLIP ViT-L/14-336, ~382 GFLOP per view, at ~1,000 views/s at a realistic 40 % of its
 bf16 peak) that returns what PruMerge returns for ViT-L/14-336 (33 tokens of 1024 values per view; the
@@ -56,7 +56,7 @@ from operators.methods import ReducedRows  # noqa: E402
 from operators.sampling import FrameSampling  # noqa: E402
 from pipeline.config import EncodeConfig  # noqa: E402
 from pipeline.schema import encoded_schema, shard_schema  # noqa: E402
-from pipeline.stages import EncodeTokens  # noqa: E402
+from pipeline.encoder import EncodeTokens  # noqa: E402
 
 TOKENS_PER_VIEW = 33
 HIDDEN = 1024
@@ -70,7 +70,8 @@ class GpuClassStandIn(EncodeTokens):
                  threads: int | None = None) -> None:  # no tower: the host side only
         self.config = config
         self.specs = config.methods()  # one per-frame method: `reduce` answers for it alone
-        self.schema = encoded_schema(shard_schema(HIDDEN))
+        self.shard = shard_schema(HIDDEN)
+        self.schema = encoded_schema(self.shard)
         self.seconds_per_view = float(os.environ.get("BENCH_STANDIN_MS_PER_VIEW", "1.0")) / 1000
         generator = torch.Generator().manual_seed(0)
         self.tokens = torch.randn(TOKENS_PER_VIEW, HIDDEN, generator=generator).to(torch.float16)
@@ -78,7 +79,7 @@ class GpuClassStandIn(EncodeTokens):
         self.scores = torch.full((TOKENS_PER_VIEW,), 1.0 / TOKENS_PER_VIEW)
         self.device = threading.Lock()
 
-    def reduce(self, images: torch.Tensor, view_frames: list[int], todo: list[list[int]]) -> list[ReducedRows]:
+    def reduce(self, images: torch.Tensor, view_frames: list[int], todo: list[list[list[int]]]) -> list[ReducedRows]:
         with self.device:  # one batch at a time, as on one GPU; the other batch in flight does its host work
             time.sleep(self.seconds_per_view * len(images))
         count = len(images)
@@ -91,7 +92,7 @@ class GpuClassStandIn(EncodeTokens):
         started_cpu = time.thread_time()
         table = super().__call__(batch)
         host_cpu = time.thread_time() - started_cpu  # this call's thread; the sleep costs no CPU
-        frames = int(sum(1 for error in batch["error_type"] if not error))
+        frames = int(sum(len(numbers) for kind, numbers in zip(batch["kind"], batch["frame_index"]) if kind == "segment"))
         with open(os.environ[STATS_ENV], "a") as stats:  # one line per batch: when it was done, its host CPU, frames
             stats.write(f"{time.time()} {host_cpu} {frames}\n")
         return table

@@ -80,7 +80,8 @@ from pipeline.config import EncodeConfig  # noqa: E402
 from pipeline.inputs import filesystem_and_path  # noqa: E402
 from pipeline.reader import TokenReader, VideoTokens  # noqa: E402
 from pipeline.run import RunSummary, run  # noqa: E402
-from pipeline.stages import EncodeTokens, frame_request  # noqa: E402
+from pipeline.decoder import frame_request  # noqa: E402
+from pipeline.encoder import EncodeTokens  # noqa: E402
 
 MODEL = ROOT.parent / "shared" / "models" / "vit-tiny-patch16-224"
 VIDEOS = ROOT / "tests" / "data" / "videos"

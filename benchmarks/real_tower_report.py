@@ -57,7 +57,7 @@ from pipeline.inputs import filesystem_and_path  # noqa: E402
 from pipeline.reader import TokenReader, VideoTokens  # noqa: E402
 from pipeline.render import render_video  # noqa: E402
 from pipeline.run import run  # noqa: E402
-from pipeline.stages import frame_request  # noqa: E402
+from pipeline.decoder import frame_request  # noqa: E402
 
 MODEL = ROOT.parent / "shared" / "models" / "vit-tiny-patch16-224"
 VIDEOS = ROOT / "tests" / "data" / "videos"

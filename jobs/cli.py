@@ -13,15 +13,16 @@ import typing
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from operators.checkpoint import ModelUnavailableError  # noqa: E402
-from pipeline.commit import DamagedOutputError  # noqa: E402
+from pipeline.store import DamagedOutputError  # noqa: E402
 from pipeline.config import EncodeConfig  # noqa: E402
 from pipeline.resources import ResourcesUnavailable  # noqa: E402
-from pipeline.run import OutputBusy, RunFailed, RunSetupError, run  # noqa: E402
+from pipeline.run import FramesUnaccounted, OutputBusy, RunFailed, RunSetupError, run  # noqa: E402
 from pipeline.runlog import configure_console  # noqa: E402
 
 
 EXIT_BUSY = 3  # another job holds the output's lease
 EXIT_DAMAGED = 4  # committed files of the output cannot be read back whole (see --set-aside-damaged)
+EXIT_RETRY = 5  # the run completed, and some inputs failed in ways a later run tries again (run it again)
 
 
 def build_parser(description: str, defaults: dict) -> argparse.ArgumentParser:
@@ -68,7 +69,7 @@ def main(media: str, description: str, defaults: dict | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except RunFailed as error:  # its traceback (if it is a fault) is already on the console and in the run's log
-        if isinstance(error.__cause__, (DamagedOutputError, ResourcesUnavailable)):  # not a fault: no traceback
+        if isinstance(error.__cause__, (DamagedOutputError, ResourcesUnavailable, FramesUnaccounted)):  # said in full
             print(f"error: {error.__cause__}\n(run {error.run_id}, log {error.log})", file=sys.stderr)
             return EXIT_DAMAGED if isinstance(error.__cause__, DamagedOutputError) else 1
         print(f"error: {error}", file=sys.stderr)
@@ -78,4 +79,4 @@ def main(media: str, description: str, defaults: dict | None = None) -> int:
         return 130
     for line in summary.lines():
         print(line)
-    return 0
+    return EXIT_RETRY if summary.retryable else 0

@@ -22,7 +22,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.commit import DamagedOutputError  # noqa: E402
+from pipeline.store import DamagedOutputError  # noqa: E402
 from pipeline.reader import MixedShardsError, ShardFormatError, TokenReader  # noqa: E402
 from pipeline.render import render_video  # noqa: E402
 from pipeline.report import summarize  # noqa: E402

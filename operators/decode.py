@@ -168,13 +168,13 @@ class VideoReader:
 
     def _in_order(self, indices: np.ndarray, convert: _Converter) -> Iterator[DecodedFrame | FrameError]:
         """Frame-order streams: the k-th frame decoded from the start is frame k."""
-        self._container.seek(0, stream=self._stream, backward=True)
         wanted = iter(indices.tolist())
         target = next(wanted, None)
         position = -1
         if target is None:
             return
         try:
+            self._container.seek(0, stream=self._stream, backward=True)
             for frame in self._container.decode(self._stream):
                 self.progress()
                 position += 1
@@ -203,7 +203,11 @@ class VideoReader:
             result: DecodedFrame | FrameError | _Missed | None = None
             for position, wanted in attempts if must_seek else itertools.chain([(None, None)], attempts):
                 if position is not None:
-                    self._container.seek(position, stream=self._stream, backward=True)  # flushes the decoder
+                    try:
+                        self._container.seek(position, stream=self._stream, backward=True)  # flushes the decoder
+                    except av.FFmpegError as error:  # damaged index or data where the seek lands: try the next
+                        result = _Missed(f"cannot seek to pts {position}: {ffmpeg_reason(error)}")
+                        continue
                     decoder = self._decoded_frames(wanted)
                 result, decoder, last_pts = self._decode_until(decoder, target, rank, index, convert)
                 if not isinstance(result, _Missed):

@@ -4,8 +4,15 @@ killed for memory takes down only the child, never the worker that asked.
 `ChildProcess` starts ``python -m pipeline.child`` once and reuses it for call after call; it is
 restarted after it was killed or died. The protocol is `multiprocessing.connection` framing (pickle)
 over the child's stdin/stdout; the child moves its own stdout to stderr first, so nothing a native
-library prints can corrupt the stream. Each call sends ``(function, args)``; the child answers with
-``("item", x)`` per item the generator yields, then ``("done", None)``, or ``("raise", exception)``.
+library prints can corrupt the stream. Each call sends ``(function, args, heartbeat_s)``; the child calls
+``function(*args, progress=...)`` and answers with ``("item", x)`` per item the generator yields, then
+``("done", None)``, or ``("raise", exception)``.
+
+**Progress, not output, keeps a call alive.** The function calls ``progress()`` whenever it moves on (the
+decoder: every packet read or decoded, every picture decoded); the child sends ``("progress", None)`` at
+most every ``heartbeat_s``, a quarter of the stall limit. So the limit means "nothing moved for that
+long": a decode that works through an hour of frames between two outputs is not stopped, and one that
+hangs inside a native call is.
 """
 
 from __future__ import annotations
@@ -16,11 +23,13 @@ import pickle
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 
 
 STARTUP_TIMEOUT_S = 120.0  # for the child to import its modules; not counted as a stall
+HEARTBEAT_S = 1.0  # the most time between two progress messages of a child that is moving on
 
 
 class ChildFailed(Exception):
@@ -45,7 +54,8 @@ class ChildProcess:
     """A reusable child process running generator functions (module-level, so they pickle by name).
 
     Args:
-        stall_timeout_s: how long the child may go without sending the next item before it is killed.
+        stall_timeout_s: how long the child may go without sending an item or progress before it is killed
+            (the default of each call).
         preload: modules the child imports before it reports ready (and before the stall clock runs), so
             a slow import (torch) is never taken for a hung call.
     """
@@ -83,29 +93,35 @@ class ChildProcess:
             state = f"exited with status {code}" if code is not None else f"not ready after {STARTUP_TIMEOUT_S} s"
             raise RuntimeError(f"the decoder process did not start ({state}; its stderr is in the worker's log)")
 
-    def run(self, function: Callable[..., Iterator], *args) -> Iterator:
-        """Yield what ``function(*args)`` yields, computed in the child.
+    def run(self, function: Callable[..., Iterator], *args, stall_timeout_s: float | None = None) -> Iterator:
+        """Yield what ``function(*args, progress=...)`` yields, computed in the child.
+
+        Args:
+            stall_timeout_s: this call's stall limit (default: the process's).
 
         Raises:
-            ChildFailed: the child sent nothing for ``stall_timeout_s`` (it is killed) or died.
+            ChildFailed: the child sent neither an item nor progress for the stall limit (it is killed), or died.
             Exception: whatever ``function`` raised in the child, re-raised here.
         """
+        limit = stall_timeout_s or self.stall_timeout_s
         if self._process is None or self._process.poll() is not None:
             self.close()
             self._start()
         finished = False
         try:
             try:
-                self._send.send((function, args))
+                self._send.send((function, args, min(HEARTBEAT_S, limit / 4)))
             except (BrokenPipeError, OSError):
                 raise self._failure(stalled=False) from None
             while True:
-                if not self._receive.poll(self.stall_timeout_s):
-                    raise self._failure(stalled=True)
+                if not self._receive.poll(limit):
+                    raise self._failure(stalled=True, limit=limit)
                 try:
                     kind, payload = self._receive.recv()
                 except EOFError:
                     raise self._failure(stalled=False) from None
+                if kind == "progress":
+                    continue
                 if kind == "item":
                     yield payload
                 elif kind == "done":
@@ -118,10 +134,10 @@ class ChildProcess:
             if not finished:
                 self.close()  # a call left half-way (stalled, died, or its caller stopped early) poisons the child
 
-    def _failure(self, stalled: bool) -> ChildFailed:
+    def _failure(self, stalled: bool, limit: float = 0.0) -> ChildFailed:
         if stalled:
             self.close()
-            return ChildFailed(f"no progress for {self.stall_timeout_s:g} s: stopped as hung", True, None)
+            return ChildFailed(f"no progress for {limit:g} s: stopped as hung", True, None)
         code = self._process.wait()
         self.close()
         return ChildFailed(f"the decoder process {_death(code)}", False, code)
@@ -142,6 +158,20 @@ class ChildProcess:
         self.close()
 
 
+def _heartbeat(send: Connection, interval_s: float) -> Callable[[], None]:
+    """A ``progress()`` that sends ``("progress", None)`` at most every ``interval_s``."""
+    last = time.monotonic()
+
+    def progress() -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= interval_s:
+            send.send(("progress", None))
+            last = now
+
+    return progress
+
+
 def _serve(preload: list[str]) -> None:
     send = Connection(os.dup(1), readable=False)
     os.dup2(2, 1)  # anything printed to stdout from here on goes to stderr, not into the protocol
@@ -152,11 +182,11 @@ def _serve(preload: list[str]) -> None:
     send.send(("ready", None))
     while True:
         try:
-            function, args = receive.recv()
+            function, args, interval_s = receive.recv()
         except EOFError:
             return
         try:
-            for item in function(*args):
+            for item in function(*args, progress=_heartbeat(send, interval_s)):
                 send.send(("item", item))
         except Exception as error:  # noqa: BLE001 - the parent decides what the error means
             try:

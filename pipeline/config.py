@@ -54,9 +54,9 @@ class EncodeConfig:
         "R of their patches); all from one encoder pass; with several, each goes to OUT/<method>/ (':' written "
         "'-')", "prumerge")
     budget: int | None = _flag("tokens kept per frame/tile with --method fixed (the same as fixed:K)")
-    segment_frames: int = _flag("videos, with holitom: consecutive sampled frames encoded in one batch and "
-                                "reduced together (its temporal windows never cross a segment; memory grows "
-                                "with it)", 32)
+    segment_frames: int = _flag("videos, with holitom: the sampled frames are cut into fixed segments of this many "
+                                "consecutive ones, each encoded in one batch, reduced together and committed whole "
+                                "(its temporal windows never cross a segment; memory grows with it)", 32)
     k_neighbors: int = _flag("neighbours (by key cosine similarity) merged into each kept token", 32)
     importance: Literal["cls", "cls_head_mean", "probe", "mean_received"] | None = _flag(
         "patch importance: 'cls' the CLS query's full-width attention in the block after --layer (PruMerge's); "
@@ -72,8 +72,10 @@ class EncodeConfig:
     pinpoints: str | None = _flag("AnyRes grid resolutions as WxH,WxH,..., each side a multiple of the tower's input "
                                   "size S (default: llava-v1.6's, S x 2S, 2S x S, 2S x 2S, 3S x S, S x 3S)")
     batch_size: int = _flag("frames per encoder batch (AnyRes frames count once, whatever their tiles)", 16)
-    decode_timeout_s: float = _flag("a decoder that delivers no frame for this many seconds is stopped as hung; "
-                                     "the input's frames it did not deliver become an error row", 300.0)
+    decode_timeout_s: float = _flag(
+        "a decoder that makes no progress (reads or decodes no packet) for this many seconds is stopped as hung; "
+        "the input's frames it did not deliver become error rows the next run tries again, with this limit "
+        "doubled for each earlier decoder failure of the input (the third is for good)", 300.0)
     num_decoders: int | None = _flag("decoder actors, one CPU each, each decoding one input at a time with one "
                                      "thread (default: the cluster's CPUs the encoders do not reserve)")
     num_encoders: int | None = _flag("encoder actors (default: one per GPU; on CPU one per node with room for it)")
@@ -85,8 +87,9 @@ class EncodeConfig:
                               "autoscaler is asked for them) before failing", 600.0)
     dtype: Literal["float32", "float16", "bfloat16"] | None = _flag(
         "encoder dtype (default: float16 on cuda, float32 on cpu)", None, choices=("float32", "float16", "bfloat16"))
-    frames_per_shard: int = _flag("frames (each with all its views; holitom: temporal windows) gathered into one shard "
-                                  "file (larger: fewer, bigger files; a write task holds this many in memory)", 1024)
+    frames_per_shard: int = _flag("frames (each with all its views; holitom: segments, each with all its windows) "
+                                  "gathered into one shard file (larger: fewer, bigger files; a write task holds this "
+                                  "many in memory)", 1024)
     shard_mb: float = _flag("most megabytes of tokens per shard file; also caps --frames-per-shard at what fits "
                           "when every frame keeps its most tokens", 256.0)
     set_aside_damaged: bool = _flag("move committed files that cannot be read back whole to OUT/damaged/ and "

@@ -2,7 +2,7 @@
 
 `TokenReader(out_dir)` reads the output's commit index once (``OUT/index/*.parquet``, a few small
 files: for each video, the shard files and row groups holding it, its frames, and each shard's size;
-see `pipeline.commit`) and the run metadata the index records (an output mixing models or methods is
+see `pipeline.index`) and the run metadata the index records (an output mixing models or methods is
 refused). It opens no shard until a video is loaded, and then only the shards that video is in: a
 DataLoader worker that streams its own videos opens only their files. ``load(video_id)`` reads only
 the video's row groups, and checks that every frame the index names is there with all its views.
@@ -27,11 +27,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.commit import (UNREADABLE, DamagedOutputError, OutputIndex, committed_files, method_folders,
-                             read_index, read_parquet_files, read_verified)
+from pipeline.index import OutputIndex, read_index
 from pipeline.inputs import filesystem_and_path
-from pipeline.schema import (ERROR_SCHEMA, READABLE_VERSIONS, differing_settings, expected_tiles,
-                             read_file_metadata, shard_schema, upgrade_rows)
+from pipeline.schema import READABLE_VERSIONS, expected_tiles, read_file_metadata, upgrade_rows
+from pipeline.state import OutputState, read_errors
+from pipeline.store import UNREADABLE, DamagedOutputError, committed_files, method_folders, read_verified
+from pipeline.validate import shard_contract
 
 
 class ShardFormatError(ValueError):
@@ -142,7 +143,7 @@ class TokenReader:
             error file and no run record.
         ShardFormatError: the output has another schema version (or shards but no commit index).
         MixedShardsError: the index files record different models, revisions, layers, methods or preprocessing.
-        pipeline.commit.DamagedOutputError: an index file cannot be read (and, from `load`, a shard).
+        pipeline.store.DamagedOutputError: an index file cannot be read (and, from `load`, a shard).
     """
 
     def __init__(self, out_dir: str, cache_row_groups: int = 8) -> None:
@@ -227,7 +228,7 @@ class TokenReader:
         Raises:
             KeyError: no tokens for ``video_id``.
             ShardFormatError: a frame the index names is missing, or lacks views, or a view is repeated.
-            pipeline.commit.DamagedOutputError: a shard holding it cannot be read back whole.
+            pipeline.store.DamagedOutputError: a shard holding it cannot be read back whole.
         """
         parts = [self._row_group(name, group) for name, group in self._locate(video_id)]
         table = upgrade_rows(pa.concat_tables(parts), self.hidden_size)
@@ -258,11 +259,10 @@ class TokenReader:
                            source_info=table["source_info"][0].as_py())
 
     def errors(self) -> pa.Table:
-        """The run's error table (``OUT/errors``): inputs or frames that produced no tokens, with reasons."""
-        files = committed_files(self.filesystem, self._root, "errors")
-        if not files:
-            return ERROR_SCHEMA.empty_table()
-        return read_parquet_files(self.filesystem, files, ERROR_SCHEMA, self.out_dir)
+        """The output's error table as it stands (`pipeline.state.OutputState.current_errors`): inputs or
+        frames that produced no tokens, with reasons and whether a later run tries them again; rows that a
+        later try of their input made stale are left out, and a row names only frames still not in the shards."""
+        return OutputState(self._index.entries, read_errors(self.filesystem, self._root)).current_errors()
 
     # -- internals --------------------------------------------------------------------------------
 
@@ -341,17 +341,13 @@ class TokenReader:
                 schema = footer.schema.to_arrow_schema()
             except UNREADABLE as error:
                 raise DamagedOutputError(self.out_dir, {path: str(error)}) from error
-            columns = schema.remove_metadata()
-            expected = shard_schema(self.hidden_size, self.metadata["schema_version"])
-            if not columns.equals(expected):
-                raise ShardFormatError(f"{path}: columns {columns} differ from the shard schema {expected}")
-            try:
-                recorded = read_file_metadata(schema)
-            except ValueError as error:  # its JSON (or the text of it) damaged
-                raise DamagedOutputError(self.out_dir, {path: "its settings metadata does not parse"}) from error
-            differing = differing_settings(recorded, self.metadata)
-            if differing:
-                raise MixedShardsError(f"{path} was made with other settings than its index records: {differing}")
+            problem = shard_contract(schema, self.metadata)
+            if problem is not None and problem.kind == "damaged":
+                raise DamagedOutputError(self.out_dir, {path: problem.message})
+            if problem is not None and problem.kind == "columns":
+                raise ShardFormatError(f"{path}: {problem.message}")
+            if problem is not None:
+                raise MixedShardsError(f"{path}: {problem.message} than its index records")
             self._footers[name] = footer
         return self._footers[name]
 

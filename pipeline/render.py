@@ -25,7 +25,7 @@ from pipeline.config import EncodeConfig
 from pipeline.dataset import select_frames
 from pipeline.inputs import filesystem_and_path, local_file
 from pipeline.reader import Frame, TokenReader, VideoTokens
-from pipeline.stages import frame_request
+from pipeline.decoder import frame_request
 
 CAPTION = 16  # px of text above each frame cell
 TEMPORAL_CAPTION = 30  # temporal outputs: two lines (the frame, its window)
@@ -231,7 +231,7 @@ def render_temporal(video: VideoTokens, path: str, max_frames: int, panel: int) 
     return figure
 
 
-def frame_token_counts(video: VideoTokens) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def tokens_per_source_frame(video: VideoTokens) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(source frame numbers, their times, tokens placed with each (first frame), tokens standing for each)."""
     covered = source_frames(video)
     numbers = np.array([number for _, number, _ in covered], dtype=np.int64)
@@ -253,7 +253,7 @@ def temporal_tokens_plot(video: VideoTokens, shown: set[int], width: int, height
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     left, right, top, bottom = 56, width - 16, 34, height - 24
-    numbers, times, sits, stands = frame_token_counts(video)
+    numbers, times, sits, stands = tokens_per_source_frame(video)
     t0, t1 = float(times.min()), float(times.max())
     top_count = max(1, int(max(sits.max(), stands.max())))
 

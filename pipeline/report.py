@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from operators.methods import TEMPORAL
-from pipeline.commit import read_parquet_files
+from pipeline.store import read_parquet_files
 from pipeline.reader import TokenReader
 from pipeline.schema import shard_schema
 
@@ -63,7 +63,8 @@ class RunReport:
     shard_bytes: int
     failed_inputs: int  # inputs with no tokens at all
     partly_failed_videos: int  # videos with tokens but some frames in the error table
-    error_rows: int
+    error_rows: int  # the error table as it stands (`TokenReader.errors`)
+    retryable_rows: int  # of them, rows a later run tries again
     errors_by_type: dict[str, int]
     failures: list[dict]  # the error table's rows, sorted by source path and frames
     temporal: bool = False
@@ -129,7 +130,7 @@ class RunReport:
             for low, high, n in self.histogram():
                 lines.append(f"  {low:8.1f} - {high:8.1f} | {'#' * round(40 * n / widest):<40} {n}")
         lines.append(f"failed inputs {self.failed_inputs}  videos missing some frames {self.partly_failed_videos}  "
-                     f"error rows {self.error_rows}" +
+                     f"error rows {self.error_rows} ({self.retryable_rows} a later run tries again)" +
                      "".join(f"  {kind}: {n}" for kind, n in sorted(self.errors_by_type.items())))
         if self.failures:
             lines.append("failures:")
@@ -165,7 +166,7 @@ def summarize(reader: TokenReader) -> RunReport:
     An output without shards gives a report of its failures alone.
 
     Raises:
-        pipeline.commit.DamagedOutputError: a shard cannot be read (each such file named).
+        pipeline.store.DamagedOutputError: a shard cannot be read (each such file named).
     """
     temporal = reader.metadata is not None and reader.metadata["method"] in TEMPORAL
     schema = TEMPORAL_KEY_SCHEMA if temporal else KEY_SCHEMA
@@ -200,6 +201,7 @@ def summarize(reader: TokenReader) -> RunReport:
         failed_inputs=len(set(errors["video_id"].to_pylist()) - shard_ids),
         partly_failed_videos=len(set(errors["video_id"].to_pylist()) & shard_ids),
         error_rows=errors.num_rows,
+        retryable_rows=sum(bool(r) for r in errors["retryable"].to_pylist()),
         errors_by_type=errors_by_type,
         failures=sorted(errors.to_pylist(), key=lambda row: (row["source_path"], row["frame_indices"])),
         temporal=temporal,

@@ -13,15 +13,17 @@ import calendar
 import json
 import logging
 import os
+import platform
 import re
 import secrets
 import tempfile
 import time
+from importlib import metadata
 
 import pyarrow.fs as pafs
 
-from pipeline.commit import publish
 from pipeline.inputs import filesystem_and_path, is_local, redact_credentials
+from pipeline.store import Store
 
 PROJECT_LOGGERS = ("pipeline", "operators")
 WORKER_LOGGER = "pipeline.workers"
@@ -30,6 +32,7 @@ SETTLE_S = 1.0  # how long a stopping run waits for the workers' last output (se
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _UTC = "%Y-%m-%dT%H:%M:%SZ"
 _TERMINAL_CODES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+PACKAGES = ("torch", "transformers", "ray", "pyarrow", "einops", "av", "pillow", "numpy")
 
 logger = logging.getLogger(__name__)
 
@@ -216,23 +219,24 @@ class RunLog:
             self._forwarding_active = False
 
 
-def write_run_record(output: str, run_id: str, record: dict) -> str:
-    """Write ``record`` as ``OUT/runs/<run-id>.json`` and copy it to ``OUT/manifest.json`` (the newest run).
+def write_run_record(store: Store, run_id: str, record: dict) -> str:
+    """Write ``record`` as ``OUT/runs/<run-id>.json`` and copy it to ``OUT/manifest.json`` (the newest run),
+    through the output's fenced ``store``.
 
-    Each file is published whole (`pipeline.commit.publish`), so a reader never sees half of one. A
+    Each file is published whole (`pipeline.store.publish`), so a reader never sees half of one. A
     ``manifest.json`` from before runs were recorded (one without a ``run_id``, or not readable
     as a record) is first kept as ``runs/<its finished_at as a run id>-legacy.json``, which sorts among
     the run records by time. Returns where the record is, as a user names it.
 
     Raises:
         OSError: the output cannot be written.
+        pipeline.lease.LeaseLost: another job took the output over.
     """
-    fs, root = filesystem_and_path(output)
-    fs.create_dir(f"{root}/runs", recursive=True)
-    manifest = f"{root}/manifest.json"
-    info = fs.get_file_info(manifest)
+    fs = store.fs
+    store.make_folders("runs")
+    info = fs.get_file_info(store.path("manifest.json"))
     if info.type == pafs.FileType.File:
-        with fs.open_input_stream(manifest) as stream:
+        with fs.open_input_stream(store.path("manifest.json")) as stream:
             previous = stream.read()
         try:
             finished = json.loads(previous)
@@ -241,11 +245,29 @@ def write_run_record(output: str, run_id: str, record: dict) -> str:
         if not isinstance(finished, dict) or "run_id" not in finished:
             when = _parse_utc(finished.get("finished_at")) if isinstance(finished, dict) else None
             when = when if when is not None else (info.mtime.timestamp() if info.mtime else 0.0)
-            publish(fs, f"{root}/runs/{_id_stamp(when)}-legacy.json", previous)
+            store.publish(f"runs/{_id_stamp(when)}-legacy.json", previous)
     data = json.dumps(record, indent=2, default=str).encode()
-    publish(fs, f"{root}/runs/{run_id}.json", data)
-    publish(fs, manifest, data)
-    return location(output, f"runs/{run_id}.json")
+    store.publish(f"runs/{run_id}.json", data)
+    store.publish("manifest.json", data)
+    return location(store.output, f"runs/{run_id}.json")
+
+
+def recorded_config(config) -> dict:
+    """An `pipeline.config.EncodeConfig` as the run record keeps it: credentials in URIs (``s3://KEY:SECRET@...``)
+    replaced by ``***``."""
+    return {name: redact_credentials(value) if isinstance(value, str) else value
+            for name, value in config.to_dict().items()}
+
+
+def package_versions() -> dict[str, str]:
+    """The versions of Python and of the packages the run's tokens depend on, as its record keeps them."""
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
 
 
 def _parse_utc(text) -> float | None:

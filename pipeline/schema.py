@@ -1,4 +1,5 @@
-"""The Parquet data contract: shard and error schemas, file metadata, and the Arrow builders for tokens."""
+"""The output's data contract, shared by the write path and the read path: the shard, error and encoded-row
+schemas, the settings metadata every file records, and the Arrow builders for tokens."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 # 2: source_info; 3: whole frames per shard, committed through OUT/index/; 4: what frames each row and each
-# token stands for (rows of temporal methods cover windows of frames)
-SCHEMA_VERSION = "4"
-READABLE_VERSIONS = ("3", "4")  # 1 and 2 had no commit index
+# token stands for (rows of temporal methods cover windows of frames); 5: the attempt that made each row, the
+# source's unreadable tail, error rows that say whether a retry may succeed
+SCHEMA_VERSION = "5"
+READABLE_VERSIONS = ("3", "4", "5")  # 1 and 2 had no commit index
 METADATA_KEY = b"video_token_cache"  # file-level key holding the JSON metadata of a shard
 
 
@@ -19,7 +21,9 @@ def shard_schema(hidden_size: int, version: str = SCHEMA_VERSION) -> pa.Schema:
     """One row per frame (or AnyRes tile) of kept tokens; with a temporal method, one row per window of
     frames. Version 4 added ``frame_indices``/``timestamps_s`` (the frames the row stands for, in time order;
     ``frame_index``/``timestamp_s`` are the first of them) and, per token, ``first_frames``/``last_frames``
-    (the first and last frame it stands for). Versions 1-3 lack those four columns (`upgrade_rows`)."""
+    (the first and last frame it stands for); versions 1-3 lack those four columns (`upgrade_rows`).
+    Version 5 added ``attempt`` (which try of the input made the row: 1 for its first, `pipeline.failures`)
+    and ``source_info.unreadable_tail``."""
     fields = [
         ("video_id", pa.string()),
         ("source_path", pa.string()),
@@ -36,8 +40,11 @@ def shard_schema(hidden_size: int, version: str = SCHEMA_VERSION) -> pa.Schema:
         ("scores", pa.list_(pa.float32())),
         ("first_frames", pa.list_(pa.int32())),
         ("last_frames", pa.list_(pa.int32())),
-        ("source_info", SOURCE_INFO),
+        ("source_info", source_info_type(version)),
+        ("attempt", pa.int32()),
     ]
+    if int(version) < 5:
+        fields = fields[:-1]
     if int(version) < 4:
         fields = [(name, type_) for name, type_ in fields if name not in PROVENANCE_COLUMNS]
     return pa.schema(fields)
@@ -48,21 +55,28 @@ PROVENANCE_COLUMNS = ("frame_indices", "timestamps_s", "first_frames", "last_fra
 
 
 def upgrade_rows(table: pa.Table, hidden_size: int) -> pa.Table:
-    """Shard rows of versions 1-3 (one frame per row) in today's schema: each row stands for its own frame,
-    and so does each of its tokens. Today's rows are returned as they are."""
-    if "frame_indices" in table.column_names:
+    """Shard rows of versions 1-4 in today's schema: before 4 each row stands for its own frame, and so does
+    each of its tokens; before 5 the attempt is unknown (null) and so is ``source_info.unreadable_tail``.
+    Today's rows are returned as they are."""
+    if "attempt" in table.column_names:
         return table
     rows = table.num_rows
-    one = np.ones(rows, dtype=np.int32)
-    frames = table["frame_index"].combine_chunks()
-    counts = table["num_tokens"].to_numpy()
-    per_token = ragged(pc.take(frames, pa.array(np.repeat(np.arange(rows), counts))), counts, pa.int32())
-    columns = {
-        "frame_indices": ragged(frames, one, pa.int32()),
-        "timestamps_s": ragged(table["timestamp_s"].combine_chunks(), one, pa.float64()),
-        "first_frames": per_token,
-        "last_frames": per_token,
-    }
+    columns: dict[str, pa.Array] = {"attempt": pa.nulls(rows, pa.int32())}
+    if "frame_indices" not in table.column_names:
+        one = np.ones(rows, dtype=np.int32)
+        frames = table["frame_index"].combine_chunks()
+        counts = table["num_tokens"].to_numpy()
+        per_token = ragged(pc.take(frames, pa.array(np.repeat(np.arange(rows), counts))), counts, pa.int32())
+        columns.update({
+            "frame_indices": ragged(frames, one, pa.int32()),
+            "timestamps_s": ragged(table["timestamp_s"].combine_chunks(), one, pa.float64()),
+            "first_frames": per_token,
+            "last_frames": per_token,
+        })
+    info = table["source_info"].combine_chunks()
+    columns["source_info"] = pa.StructArray.from_arrays(
+        [info.field(f.name) if f.name in info.type.names else pa.nulls(rows, f.type) for f in SOURCE_INFO],
+        fields=list(SOURCE_INFO), mask=info.is_null())
     schema = shard_schema(hidden_size)
     return pa.Table.from_arrays([columns[name] if name in columns else table[name] for name in schema.names],
                                 schema=schema)
@@ -70,8 +84,10 @@ def upgrade_rows(table: pa.Table, hidden_size: int) -> pa.Table:
 
 # What the decoder learnt about the input, the same on every row of it. Videos: the video stream decoded
 # (codec, index, display rotation applied, upright size), presented frames, average rate, duration, where
-# timestamp_s comes from ("pts", or "frame_rate" for files without presentation timestamps), and how many
-# frames the sampling selected. Images: format, upright size, time_source "none".
+# timestamp_s comes from ("pts", or "frame_rate" for files without presentation timestamps), how many
+# frames the sampling selected, and (version 5) why the container could not be read to its end, if it could
+# not: the timeline, and so the sampling, then covers the part before the damage. Images: format, upright
+# size, time_source "none".
 SOURCE_INFO = pa.struct(
     [
         ("codec", pa.string()),
@@ -84,8 +100,14 @@ SOURCE_INFO = pa.struct(
         ("duration_s", pa.float64()),
         ("time_source", pa.string()),
         ("sampled_frames", pa.int32()),
+        ("unreadable_tail", pa.string()),
     ]
 )
+
+
+def source_info_type(version: str = SCHEMA_VERSION) -> pa.StructType:
+    """`SOURCE_INFO` as schema ``version`` wrote it (before 5: no ``unreadable_tail``)."""
+    return SOURCE_INFO if int(version) >= 5 else pa.struct([f for f in SOURCE_INFO if f.name != "unreadable_tail"])
 
 
 def source_info_array(infos: list[dict]) -> pa.StructArray:
@@ -99,70 +121,80 @@ ERROR_SCHEMA = pa.schema(
         ("source_path", pa.string()),
         ("error_type", pa.string()),
         ("error_message", pa.string()),
-        # frames this error covers; empty when the whole input failed (it could not be opened or probed)
+        # the sampled frames this error covers; empty: every frame of the input not in the shards (it could
+        # not be opened or probed, so its frames are not known)
         ("frame_indices", pa.list_(pa.int32())),
+        # version 5: whether a later run tries these frames again (a stall, a death, an unexpected error, a read
+        # that failed: `pipeline.failures`); false: the input's own fault, for good
+        ("retryable", pa.bool_()),
+        ("attempt", pa.int32()),  # which try of the input failed so (1 for its first); null before version 5
+        ("sampled_frames", pa.int32()),  # frames the input's sampling selects; null when it was not probed
     ]
 )
+# Error files of versions 3-4 lack the last three columns: read, they are null (retryable null: for good).
 
 
-ERROR_COLUMNS = [("error_type", pa.string()), ("error_message", pa.string()), ("failed_frames", pa.list_(pa.int32()))]
-
-# Columns with one value per view (the global view, then the AnyRes tiles); the others are per frame.
-VIEW_COLUMNS = ("tile_index", "num_tokens", "tokens", "positions", "scores", "first_frames", "last_frames")
-# Encoded rows: which of the run's methods (`operators.methods.MethodSpec`, by position) the row is for (an
-# error row: one per method that still needed the input's frames).
-SPEC_COLUMN = ("spec", pa.int16())
+# Encoded rows: what the encoder actors hand the sink, one of three kinds (`kind_masks`):
+#  * a unit: one method's (``spec``) atomic commit unit, every shard column but the first two as a list over
+#    the unit's shard rows (a frame's views; a temporal segment's windows). Ray Data cuts blocks only between
+#    rows, so a unit never lands in two shard files.
+#  * an error: ``spec``'s error row (`ERROR_SCHEMA`: ``error_type`` set, ``error_frames`` its frames).
+#  * a plan: the input's sampled frames (``sampled`` set, ``spec`` null), for the run's reconciliation.
+ENCODED_EXTRA = [("spec", pa.int16()), ("error_type", pa.string()), ("error_message", pa.string()),
+                 ("error_frames", pa.list_(pa.int32())), ("retryable", pa.bool_()), ("error_attempt", pa.int32()),
+                 ("sampled_frames", pa.int32()), ("sampled", pa.list_(pa.int32()))]
+SCALAR_COLUMNS = ("video_id", "source_path")  # one value per encoded row; every other shard column is a list
 
 
 def encoded_schema(shard: pa.Schema) -> pa.Schema:
-    """What encoder actors emit: **one row per frame**, its views' values in lists (`VIEW_COLUMNS`), so
-    that Ray Data, which cuts blocks only between rows, can never put one frame's views into two shard
-    files. Failure rows have the token columns null and the error columns set."""
-    fields = [pa.field(f.name, pa.list_(f.type)) if f.name in VIEW_COLUMNS else f for f in shard]
-    return pa.schema(fields + [pa.field(name, type_) for name, type_ in [*ERROR_COLUMNS, SPEC_COLUMN]])
+    """The encoded rows' schema for shards of ``shard`` (see above)."""
+    fields = [f if f.name in SCALAR_COLUMNS else pa.field(f.name, pa.list_(f.type)) for f in shard]
+    return pa.schema(fields + [pa.field(name, type_) for name, type_ in ENCODED_EXTRA])
 
 
-def failure_table(rows: dict[str, np.ndarray], encoded: pa.Schema) -> pa.Table:
-    """Failure rows (``video_id``, ``source_path`` and the error columns) in the encoded schema."""
-    count = len(rows["video_id"])
-    columns = {name: pa.nulls(count, encoded.field(name).type) for name in encoded.names}
-    columns["video_id"] = pa.array(rows["video_id"], pa.string())
-    columns["source_path"] = pa.array(rows["source_path"], pa.string())
-    columns["error_type"] = pa.array(rows["error_type"], pa.string())
-    columns["error_message"] = pa.array(rows["error_message"], pa.string())
-    columns["failed_frames"] = pa.array([[int(i) for i in f] for f in rows["failed_frames"]], pa.list_(pa.int32()))
-    return pa.Table.from_pydict(columns, schema=encoded)
+def encoded_rows(columns: dict[str, pa.Array | list], encoded: pa.Schema) -> pa.Table:
+    """A table of ``encoded`` from the columns given; every other column null."""
+    count = len(next(iter(columns.values())))
+    arrays = [columns[f.name] if f.name in columns else pa.nulls(count, f.type) for f in encoded]
+    return pa.Table.from_arrays([a if isinstance(a, (pa.Array, pa.ChunkedArray)) else pa.array(a, f.type)
+                                 for a, f in zip(arrays, encoded)], schema=encoded)
+
+
+def kind_masks(table: pa.Table) -> tuple[pa.Array, pa.Array, pa.Array]:
+    """Boolean masks of an encoded table's units, error rows and plan rows."""
+    errors = table["error_type"].is_valid()
+    plans = table["sampled"].is_valid()
+    units = pc.and_(pc.invert(errors), pc.invert(plans))
+    return units, errors, plans
 
 
 def split_encoded(table: pa.Table, specs: int) -> list[tuple[pa.Table, pa.Table]]:
-    """Per each of the ``specs`` methods: (its rows without the error and spec columns, its error rows in
-    `ERROR_SCHEMA`) of an encoded table."""
-    dropped = [name for name, _ in [*ERROR_COLUMNS, SPEC_COLUMN]]
+    """Per each of the ``specs`` methods: (its units, its error rows in `ERROR_SCHEMA`) of an encoded table."""
+    units, errors, _ = kind_masks(table)
     split = []
     for spec in range(specs):
-        mine = table.filter(pc.equal(table["spec"], spec))
-        failed = mine.column("error_type").is_valid()
-        errors = mine.filter(failed)
-        errors = pa.Table.from_arrays(
-            [errors["video_id"], errors["source_path"], errors["error_type"], errors["error_message"],
-             errors["failed_frames"]],
-            schema=ERROR_SCHEMA,
-        )
-        split.append((mine.filter(pc.invert(failed)).drop_columns(dropped), errors))
+        mine = pc.equal(table["spec"], spec)
+        failed = table.filter(pc.and_(mine, errors))
+        failed = pa.Table.from_arrays(
+            [failed["video_id"], failed["source_path"], failed["error_type"], failed["error_message"],
+             failed["error_frames"], failed["retryable"], failed["error_attempt"], failed["sampled_frames"]],
+            schema=ERROR_SCHEMA)
+        split.append((table.filter(pc.and_(mine, units)), failed))
     return split
 
 
-def frame_token_counts(frames: pa.Table) -> np.ndarray:
-    """``[F]`` int64: tokens of all views of each frame row."""
-    per_view = pc.list_flatten(frames["num_tokens"]).to_numpy()
-    parents = pc.list_parent_indices(frames["num_tokens"]).to_numpy()
-    return np.bincount(parents, weights=per_view, minlength=frames.num_rows).astype(np.int64)
+def unit_token_counts(units: pa.Table) -> np.ndarray:
+    """``[U]`` int64: tokens of all shard rows of each unit."""
+    per_row = pc.list_flatten(units["num_tokens"]).to_numpy()
+    parents = pc.list_parent_indices(units["num_tokens"]).to_numpy()
+    return np.bincount(parents, weights=per_row, minlength=units.num_rows).astype(np.int64)
 
 
-def views_of(frames: pa.Table, shard: pa.Schema) -> pa.Table:
-    """Frame rows (views in lists) → shard rows, one per view, in the frames' order then the views' order."""
-    parents = pc.list_parent_indices(frames["tile_index"])
-    columns = [pc.list_flatten(frames[name]) if name in VIEW_COLUMNS else frames[name].take(parents)
+def unit_rows(units: pa.Table, shard: pa.Schema) -> pa.Table:
+    """Units (encoded rows) → shard rows, the units' rows one after the other in their order."""
+    units = units.combine_chunks()
+    parents = pc.list_parent_indices(units["tile_index"])
+    columns = [units[name].take(parents) if name in SCALAR_COLUMNS else pc.list_flatten(units[name])
                for name in shard.names]
     return pa.Table.from_arrays(columns, schema=shard)
 

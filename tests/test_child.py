@@ -17,24 +17,35 @@ from pipeline.child import ChildFailed, ChildProcess
 from pipeline.inputs import fetch
 
 
-def count(n: int):
+def count(n: int, progress):
     for i in range(n):
         yield (i, os.getpid())
 
 
-def fail_after_one():
+def fail_after_one(progress):
     yield "first"
     raise ValueError("bad input 42")
 
 
-def hang_after_one():
+def hang_after_one(progress):
     yield "first"
     time.sleep(3600)
 
 
-def killed_after_one():
+def killed_after_one(progress):
     yield "first"
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def slow_but_moving(seconds: float, progress):
+    """Works for ``seconds`` between two items, reporting progress all along (a long decode between two
+    sampled frames)."""
+    yield "first"
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.01)
+        progress()
+    yield "second"
 
 
 @pytest.fixture
@@ -69,6 +80,16 @@ def test_a_hung_child_is_stopped_within_the_limit_and_replaced(child):
     assert 2.5 < time.monotonic() - started < 10
     assert caught.value.stalled and "no progress for 3 s" in caught.value.reason
     assert [i for i, _ in child.run(count, 2)] == [0, 1], "a fresh child serves the next call"
+
+
+def test_progress_keeps_a_slow_call_alive_and_a_silent_one_is_stopped(child):
+    """The limit is on progress, not on items: 4 s of work between two items under a 1 s limit passes when the
+    work reports progress; a call that reports nothing is stopped after the limit. Each call may set its own."""
+    assert list(child.run(slow_but_moving, 4.0, stall_timeout_s=1.0)) == ["first", "second"]
+    started = time.monotonic()
+    with pytest.raises(ChildFailed, match="no progress for 1 s"):
+        list(child.run(hang_after_one, stall_timeout_s=1.0))
+    assert time.monotonic() - started < 5
 
 
 def test_a_killed_child_is_reported_with_its_signal_and_replaced(child):

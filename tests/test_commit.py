@@ -25,11 +25,13 @@ import torch
 from PIL import Image
 from transformers import CLIPModel
 
-from pipeline.commit import DamagedOutputError, commit_errors, merge_index_parts, parquet_bytes, publish
+import pipeline.run
 from pipeline.config import EncodeConfig
-from pipeline.lease import LeaseLost, OutputLease, check_held
+from pipeline.index import commit_errors, merge_index_parts
+from pipeline.lease import Fence, LeaseLost, OutputLease, holders, lease_path
 from pipeline.reader import ShardFormatError, TokenReader
 from pipeline.run import OutputBusy, RunFailed, RunSetupError, run
+from pipeline.store import DamagedOutputError, Store, parquet_bytes, publish
 from pipeline.schema import ERROR_SCHEMA, METADATA_KEY, expected_tiles
 from damage import flip_byte, inside_tokens_page
 from media import decode_frame, video
@@ -232,7 +234,7 @@ def test_readers_opened_while_a_run_merges_its_index_see_every_committed_shard(r
             for name in entries["file"].to_pylist():  # the parts a run writes (each published whole), then merges
                 part = entries.filter(pc.equal(entries["file"], name)).replace_schema_metadata(entries.schema.metadata)
                 publish(fs, str(output / "index" / name), parquet_bytes(part))
-            merge_index_parts(fs, str(output), f"again-{i}")
+            merge_index_parts(Store(str(output)), f"again-{i}")
             for old in (output / "index").glob("run-again-*.parquet"):
                 if old.name != f"run-again-{i}.parquet":
                     old.unlink(missing_ok=True)
@@ -250,9 +252,9 @@ def test_readers_opened_while_a_run_merges_its_index_see_every_committed_shard(r
 def test_a_damaged_error_file_is_named_by_the_reader(tmp_path):
     """Cut short, or damaged in place (its page CRC fails)."""
     errors = pa.table({"video_id": ["v-0"], "source_path": ["/v.mp4"], "error_type": ["VideoDecodeError"],
-                       "error_message": ["cannot open the file as a video"], "frame_indices": [[]]},
-                      schema=ERROR_SCHEMA)
-    commit_errors(pa.fs.LocalFileSystem(), str(tmp_path), errors, {})
+                       "error_message": ["cannot open the file as a video"], "frame_indices": [[]],
+                       "retryable": [False], "attempt": [1], "sampled_frames": [None]}, schema=ERROR_SCHEMA)
+    commit_errors(Store(str(tmp_path)), errors, {})
     (tmp_path / "manifest.json").write_text("{}")
     [path] = (tmp_path / "errors").glob("*.parquet")
     assert TokenReader(str(tmp_path)).errors()["video_id"].to_pylist() == ["v-0"]
@@ -302,7 +304,10 @@ def test_a_truncated_shard_is_reported_by_name_and_can_be_set_aside(reference, t
     assert (output / "damaged" / "shards" / shard.name).read_bytes() == data[: len(data) // 2]
     assert "frames 1 (1 rows" in result.stdout, "only the set-aside frame is encoded again"
     got, want = shard_rows(output), shard_rows(original)
-    assert got.drop_columns(["tokens", "scores"]).equals(want.drop_columns(["tokens", "scores"]))
+    assert got.drop_columns(["tokens", "scores", "attempt"]).equals(want.drop_columns(["tokens", "scores", "attempt"]))
+    again = got.filter(pc.not_equal(got["attempt"], 1))
+    assert again["attempt"].to_pylist() == [2] and again["video_id"].to_pylist() == [video_id], \
+        "the set-aside frame, made by the input's second try"
     np.testing.assert_allclose(pc.list_flatten(pc.list_flatten(got["tokens"])).to_numpy().astype(np.float32),
                                pc.list_flatten(pc.list_flatten(want["tokens"])).to_numpy().astype(np.float32),
                                atol=2e-3, rtol=2e-3)
@@ -312,18 +317,21 @@ def test_a_truncated_shard_is_reported_by_name_and_can_be_set_aside(reference, t
 def test_a_second_job_on_a_held_output_is_refused_and_touches_nothing(tmp_path, tiny_clip_dir):
     inputs = link_inputs(tmp_path / "in", CLIPS[:1])
     output = tmp_path / "out"
-    with OutputLease(str(output), "20261129T000000.000Z-abcdef"):
+    with OutputLease(str(output), "20261129T000000.000Z-abcdef") as held:
         result = job(inputs, output, tiny_clip_dir)
-    assert result.returncode == 3, result.stderr[-2000:]
-    assert "is being written by another job: run 20261129T000000.000Z-abcdef" in result.stderr
-    assert f"pid {os.getpid()}" in result.stderr
-    assert sorted(p.name for p in output.iterdir()) == ["lease"] and not list((output / "lease").iterdir())
+        assert result.returncode == 3, result.stderr[-2000:]
+        assert "is being written by another job: run 20261129T000000.000Z-abcdef" in result.stderr
+        assert f"pid {os.getpid()}" in result.stderr
+        assert sorted(p.name for p in output.iterdir()) == ["lease"]
+        assert [p.name for p in (output / "lease").iterdir()] == [Path(held.path).name], "the refused job wrote none"
 
 
-def write_lease(output: Path, run_id: str, host: str, pid: int, age_s: float = 0.0) -> Path:
-    path = output / "lease" / f"{run_id}.json"
+def write_lease(output: Path, generation: int, run_id: str, host: str, pid: int, age_s: float = 0.0,
+                released: bool = False) -> Path:
+    path = Path(lease_path(str(output), generation))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"run_id": run_id, "host": host, "pid": pid, "started_at": "2026-11-29T00:00:00Z"}))
+    path.write_text(json.dumps({"run_id": run_id, "host": host, "pid": pid, "started_at": "2026-11-29T00:00:00Z",
+                                "released": released}))
     os.utime(path, (time.time() - age_s, time.time() - age_s))
     return path
 
@@ -334,34 +342,130 @@ def dead_pid() -> int:
     return process.pid
 
 
-def test_stale_leases_are_taken_over(tmp_path):
+def test_stale_and_released_leases_are_taken_over_and_live_ones_refuse(tmp_path):
+    """The holder is the highest lease number: a released one, one whose process died on this host, or one
+    whose heartbeat is older than the TTL is taken over with the next number; a live one refuses, and the
+    refused job writes nothing."""
     output = tmp_path / "out"
-    killed_here = write_lease(output, "killed-here", socket.gethostname(), dead_pid())
-    silent_elsewhere = write_lease(output, "silent-elsewhere", "another-host", 1234, age_s=3600)
+    write_lease(output, 1, "old", "another-host", 1234, age_s=5, released=True)
+    killed_here = write_lease(output, 2, "killed-here", socket.gethostname(), dead_pid())
     with OutputLease(str(output), "mine") as lease:
-        assert {holder.run_id for holder in lease.taken_over} == {"killed-here", "silent-elsewhere"}
-        assert not killed_here.exists() and not silent_elsewhere.exists()
-    assert not list((output / "lease").iterdir())
+        assert [holder.run_id for holder in lease.taken_over] == ["killed-here"]
+        assert [(h.generation, h.run_id) for h in holders(lease.fs, lease.root)] == [(3, "mine")]
+        assert not killed_here.exists(), "lower numbers never hold the output again: removed"
+    [released] = holders(lease.fs, lease.root)
+    assert (released.generation, released.run_id, released.released) == (3, "mine", True)
 
-    live_elsewhere = write_lease(output, "live-elsewhere", "another-host", 1234, age_s=5)
+    write_lease(output, 4, "silent-elsewhere", "another-host", 1234, age_s=3600)
+    with OutputLease(str(output), "mine-2") as lease:
+        assert [holder.run_id for holder in lease.taken_over] == ["silent-elsewhere"]
+
+    live = write_lease(output, 6, "live-elsewhere", "another-host", 1234, age_s=5)
     with pytest.raises(Exception, match="live-elsewhere .*host another-host, pid 1234.*heartbeat 5 s ago"):
         OutputLease(str(output), "mine").acquire()
-    assert [p.name for p in (output / "lease").iterdir()] == [live_elsewhere.name], "the refused job left nothing"
+    assert sorted(p.name for p in (output / "lease").iterdir()) == ["0000000005.json", live.name], \
+        "the refused job left nothing"
+
+
+def test_two_jobs_starting_at_once_never_both_hold_the_output(tmp_path):
+    """Both see the same free number; the file of that number is created only where none exists (O_EXCL):
+    exactly one gets it, the other refuses naming it."""
+    output = tmp_path / "out"
+    first, second = OutputLease(str(output), "first"), OutputLease(str(output), "second")
+    original = OutputLease._create
+    entered = threading.Barrier(2)
+
+    def create_together(self, generation):
+        entered.wait(5)  # both have listed the folder and chosen the same number
+        return original(self, generation)
+
+    outcomes = {}
+
+    def take(lease):
+        try:
+            lease.acquire()
+            outcomes[lease.run_id] = "held"
+        except Exception as error:  # noqa: BLE001
+            outcomes[lease.run_id] = type(error).__name__
+
+    OutputLease._create = create_together
+    try:
+        threads = [threading.Thread(target=take, args=(lease,)) for lease in (first, second)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        OutputLease._create = original
+    assert sorted(outcomes.values()) == ["OutputLocked", "held"], outcomes
+    for lease in (first, second):
+        lease.release()
+
+
+def test_a_takeover_between_a_heartbeat_check_and_its_renewal_leaves_one_holder(tmp_path):
+    """The hole of a heartbeat that checks, then re-publishes its lease: a job that took the lease over in
+    between had its lease brought back and both jobs' writers passed the check. With numbered leases the
+    heartbeat renews its own file in place and never re-creates it; even a lease file brought back by hand
+    leaves the old job's fence refusing, because the new job's number is higher."""
+    output = tmp_path / "out"
+    slow = OutputLease(str(output), "slow", heartbeat_s=0.05)
+    slow.acquire()
+    slow.fence.check()
+    old = Path(slow.path)
+    os.utime(old, (time.time() - 3600, time.time() - 3600))  # it stalled past the TTL ...
+    taker = OutputLease(str(output), "taker", heartbeat_s=3600)
+    taker.acquire()  # ... and another job took the output over between slow's check and its renewal
+    assert [h.run_id for h in taker.taken_over] == ["slow"]
+    old.write_text(json.dumps({"run_id": "slow", "host": "h", "pid": 1}))  # what the old heartbeat re-published
+    with pytest.raises(LeaseLost, match="another job took its lease over"):
+        slow.fence.check()
+    taker.fence.check()
+    store = Store(str(output), slow.fence)
+    with pytest.raises(LeaseLost):
+        store.publish("shards/late.parquet", b"x")
+    assert not (output / "shards" / "late.parquet").exists(), "the fenced writer of the old job writes nothing"
+    deadline = time.time() + 10
+    while not slow.lost and time.time() < deadline:
+        time.sleep(0.05)
+    assert slow.lost
+    slow.release()
+    assert json.loads(old.read_text())["run_id"] == "slow" and not json.loads(old.read_text()).get("released")
+    taker.release()
 
 
 def test_a_job_whose_lease_was_taken_over_stops_committing(tmp_path):
     output = tmp_path / "out"
     lease = OutputLease(str(output), "slow", heartbeat_s=0.05)
     lease.acquire()
-    check_held(lease.fs, lease.root, "slow")
+    Fence(str(output), lease.fence.generation, "slow").check()
     os.unlink(lease.path)  # another job found it stale and took over
+    write_lease(output, lease.fence.generation + 1, "taker", "another-host", 1234)
     with pytest.raises(LeaseLost, match="another job took its lease over"):
-        check_held(lease.fs, lease.root, "slow")
+        lease.fence.check()
     deadline = time.time() + 10
     while not lease.lost and time.time() < deadline:
         time.sleep(0.05)
     assert lease.lost and not os.path.exists(lease.path), "the heartbeat does not bring a taken-over lease back"
     lease.release()
+
+
+def test_settings_are_checked_again_under_the_lease(tmp_path, tiny_clip_dir, ray_local, monkeypatch):
+    """A job with other settings that commits while this one lists its inputs (before it takes the lease) is
+    not mixed with it: the check runs again once the lease is held."""
+    inputs = link_inputs(tmp_path / "in", CLIPS[:1])
+    other, output = tmp_path / "other", tmp_path / "out"
+    run(EncodeConfig(input=str(inputs), output=str(other), model=str(tiny_clip_dir), num_frames=1, layer=-3))
+    listing = pipeline.run.list_inputs
+
+    def list_while_another_job_commits(*args):
+        found = listing(*args)
+        shutil.copytree(other, output, ignore=shutil.ignore_patterns("lease"))
+        return found
+
+    monkeypatch.setattr(pipeline.run, "list_inputs", list_while_another_job_commits)
+    with pytest.raises(RunSetupError, match="layer: existing -3, this run -2"):
+        run(EncodeConfig(input=str(inputs), output=str(output), model=str(tiny_clip_dir), num_frames=1, layer=-2))
+    assert TokenReader(str(output)).metadata["layer"] == -3, "only the other job's tokens are there"
 
 
 def test_revisions_of_a_model_are_not_mixed_in_one_output(tmp_path, tiny_clip_dir, ray_local):
@@ -394,7 +498,8 @@ def test_an_object_store_output_round_trips_through_a_local_s3_server(reference,
     assert summary.encoded == 3
     keys = sorted(item["Key"] for item in client.list_objects_v2(Bucket="commits")["Contents"]
                   if not item["Key"].endswith("/"))  # (folder markers)
-    assert not [key for key in keys if "/.tmp-" in key or key.startswith("out/lease/")], keys
+    assert not [key for key in keys if "/.tmp-" in key], keys
+    assert [key for key in keys if key.startswith("out/lease/")] == ["out/lease/0000000001.json"], "released, kept"
     assert len([key for key in keys if key.startswith("out/shards/")]) == 9
     assert len([key for key in keys if key.startswith("out/index/")]) == 1, "parts merged into one index file"
     record = json.loads(client.get_object(Bucket="commits", Key="out/manifest.json")["Body"].read())
@@ -424,5 +529,5 @@ def test_an_object_store_output_round_trips_through_a_local_s3_server(reference,
     with OutputLease(uri, "20261129T000000.000Z-s3s3s3"):  # one job per output on the store too
         with pytest.raises(OutputBusy, match=r"being written by another job: run 20261129T000000.000Z-s3s3s3") as busy:
             run(EncodeConfig(input=str(inputs), output=uri, model=str(tiny_clip_dir), num_frames=3))
-    assert "s3://***@commits/out/lease/20261129T000000.000Z-s3s3s3.json?" in str(busy.value)
+    assert "s3://***@commits/out/lease/0000000003.json?" in str(busy.value)
     assert "test:test" not in str(busy.value)

@@ -314,6 +314,19 @@ def test_a_stream_without_a_decoder_is_a_media_error_naming_its_codec(tmp_path):
         VideoReader(str(damaged))
 
 
+def test_a_seek_the_container_refuses_is_a_frame_error(tmp_path):
+    """One byte of the sample table changed (found by the mutation fuzz): FFmpeg refuses every seek with
+    EPERM. Each sampled frame is a frame error naming that, never an exception out of the reader."""
+    data = bytearray(open(video("h265_10bits.mp4"), "rb").read())
+    data[38022] = 135
+    damaged = tmp_path / "seek_refused.mp4"
+    damaged.write_bytes(bytes(data))
+    with VideoReader(str(damaged)) as reader:
+        out = list(reader.frames(np.array([0, 9, 19, 29])))
+    assert [type(f).__name__ for f in out] == ["FrameError"] * 4
+    assert all("cannot seek to pts" in f.reason and "Operation not permitted" in f.reason for f in out)
+
+
 def test_the_timeline_rules_without_ffmpeg():
     """`build_timeline` on packet lists: discarded packets and leading pictures before the first key frame
     are not frames; frames sort by pts; times start at the container's start; a stream without pts or whose

@@ -21,6 +21,7 @@ import pytest
 
 from operators.sampling import FrameSampling, sample_frame_indices
 from pipeline.config import EncodeConfig
+from pipeline.reader import TokenReader
 from pipeline.run import RunFailed, RunSetupError, run
 from pipeline.schema import ERROR_SCHEMA, read_file_metadata, shard_schema
 from media import DECODABLE, VIDEOS, decode_frame, video, video_info
@@ -103,7 +104,7 @@ def test_every_input_lands_in_shards_or_errors(tmp_path, tiny_clip_dir, ray_loca
     assert parquet.schema_arrow.remove_metadata() == shard_schema(32)
     assert parquet.metadata.row_group(0).column(0).compression == "ZSTD"
     meta = read_file_metadata(parquet.schema_arrow)
-    assert meta["schema_version"] == "4" and meta["model"] == str(tiny_clip_dir) and meta["media"] == "video"
+    assert meta["schema_version"] == "5" and meta["model"] == str(tiny_clip_dir) and meta["media"] == "video"
     assert (meta["layer"], meta["method"], meta["hidden_size"], meta["patch_grid"]) == (-2, "prumerge", 32, [24, 24])
     assert pq.read_schema(next((output / "errors").glob("*.parquet"))).remove_metadata() == ERROR_SCHEMA
 
@@ -309,14 +310,15 @@ def test_a_run_explains_itself_in_its_log_and_keeps_its_record(tmp_path, tiny_cl
             frames = ", ".join(map(str, row["frame_indices"]))
             assert f"failed: {inputs / 'corrupted.mp4'}: FrameDecodeError: " in text and f"(frames {frames})" in text
     assert "inputs: 3 found, 3 to read (0 with frames from earlier runs" in text
-    assert "inputs 3: encoded 1, partly failed 1, failed 1, skipped (already committed) 0" in text
+    assert "inputs 3: encoded 1, partly failed 1, failed 1, to retry 0, skipped (already done) 0" in text
     # What a worker process printed reached this driver's log, with the task it came from.
     assert any(" pipeline.workers: (" in line and "EncodeTokens" in line and "pid=" in line
                for line in text.splitlines())
     later = logs[1].read_text()
     assert "inputs: 3 found, 0 to read (0 with frames from earlier runs" in later
-    assert "inputs skipped as failed in an earlier run: 2" in later
-    assert "inputs 3: encoded 0, partly failed 0, failed 0, skipped (already committed) 3, 2 of them with error rows" in later
+    assert "inputs skipped with failures for good from earlier runs: 2" in later
+    assert "inputs 3: encoded 0, partly failed 0, failed 0, to retry 0, skipped (already done) 3, 2 of them with error " \
+           "rows" in later
     assert "failed: " not in later, "a run logs the failures it committed, not earlier runs'"
 
 
@@ -395,7 +397,8 @@ def test_runs_that_cannot_start_write_nothing_and_a_started_run_is_recorded_at_o
             run(EncodeConfig(input=str(source), output=str(output), model=str(tiny_clip_dir), num_frames=2))
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
     assert sorted(p.name for p in blocked.iterdir()) == ["lease", "logs", "runs"]  # runs/ is still the file
-    assert not list((blocked / "lease").iterdir()), "the lease was given back"
+    assert [json.loads(p.read_text())["released"] for p in (blocked / "lease").iterdir()] == [True], \
+        "the lease was given back"
     assert [p.stat().st_size for p in (blocked / "logs").iterdir()] == [0], "at most an empty log is left"
     result = subprocess.run(job_command(empty, tmp_path / "o3", tiny_clip_dir), capture_output=True, text=True,
                             timeout=120)
@@ -455,8 +458,10 @@ def test_a_hanging_input_becomes_an_error_row_within_the_limit(tmp_path, tiny_cl
     assert first_shard and finished - first_shard[0] > 10, "the other input was committed while the decoder hung"
     (error,) = read(output, "errors").to_pylist()
     assert (Path(error["source_path"]).name, error["error_type"], error["frame_indices"]) == ("stuck.mp4", "DecoderStalled", [])
-    assert error["error_message"] == "no progress for 60 s: stopped as hung while opening the input"
-    assert (summary.encoded, summary.failed) == (1, 1)
+    assert error["error_message"] == ("no progress for 60 s: stopped as hung (decoder failure 1 of 3: the next run "
+                                      "tries again)")
+    assert (error["retryable"], error["attempt"]) == (True, 1)
+    assert (summary.encoded, summary.failed, summary.retryable) == (1, 0, 1)
 
 
 def test_a_decoder_killed_mid_video_becomes_an_error_row(tmp_path, tiny_clip_dir, ray_local):
@@ -487,23 +492,30 @@ def test_a_decoder_killed_mid_video_becomes_an_error_row(tmp_path, tiny_clip_dir
     killer.join()
     assert killed
     (error,) = read(output, "errors").to_pylist()
-    assert error["error_type"] == "DecoderDied" and error["frame_indices"] == []
+    assert error["error_type"] == "DecoderDied" and error["frame_indices"] == [] and error["retryable"]
     assert error["error_message"].startswith("the decoder process killed by SIGKILL")
-    assert summary.failed == 1
+    assert (summary.failed, summary.retryable) == (0, 1), "a killed decoder is not the input's fault for good"
 
 
-def test_a_failure_that_is_not_the_inputs_fails_the_run_and_is_never_an_error_row(tmp_path, tiny_clip_dir, ray_local):
-    """An input on a store that cannot be reached when it is read: the run fails loudly (its record says
-    why) and writes no error row, so the next run tries the input again."""
+def test_an_input_that_cannot_be_read_is_retried_and_never_failed_for_good(tmp_path, tiny_clip_dir, ray_local):
+    """An input on a store that cannot be reached when it is read: after its reads are retried, the input gets
+    an error row a later run tries again (never one for good: the network's fault, not the input's), and the
+    run completes; the next run tries again, and the reader shows only the latest try's row."""
     listing = tmp_path / "inputs.txt"
     listing.write_text("s3://test:test@bucket/videos/clip.mp4?endpoint_override=127.0.0.1:1&scheme=http"
                        "&region=us-east-1\n")
     output = tmp_path / "out"
-    with pytest.raises(RunFailed, match="OSError"):
-        run(EncodeConfig(input=str(listing), output=str(output), model=str(tiny_clip_dir), num_frames=2))
-    assert not list(output.rglob("errors/*.parquet"))
-    (record,) = [json.loads(p.read_text()) for p in (output / "runs").glob("*.json")]
-    assert record["status"] == "failed"
+    config = EncodeConfig(input=str(listing), output=str(output), model=str(tiny_clip_dir), num_frames=2)
+    first, second = run(config), run(config)
+    assert (first.retryable, first.failed, second.retryable, second.skipped) == (1, 0, 1, 0)
+    rows = sorted(read(output, "errors").to_pylist(), key=lambda row: row["attempt"])
+    assert [(r["error_type"], r["retryable"], r["attempt"], r["frame_indices"]) for r in rows] == [
+        ("InputReadError", True, 1, []), ("InputReadError", True, 2, [])]
+    assert "Could not connect" in rows[0]["error_message"] and "test:test" not in rows[0]["error_message"]
+    [current] = TokenReader(str(output)).errors().to_pylist()
+    assert current["attempt"] == 2
+    records = [json.loads(p.read_text()) for p in (output / "runs").glob("*.json")]
+    assert [r["status"] for r in records] == ["completed", "completed"]
 
 
 def test_each_file_is_encoded_once_under_one_id_however_it_is_listed(tmp_path, tiny_clip_dir, ray_local, s3_client):

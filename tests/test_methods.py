@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -25,7 +26,8 @@ from pipeline.config import EncodeConfig
 from pipeline.reader import TokenReader
 from pipeline.lease import OutputLease
 from pipeline.run import OutputBusy, RunSetupError, run
-from pipeline.stages import EncodeTokens, frame_request
+from pipeline.decoder import frame_request
+from pipeline.encoder import EncodeTokens
 
 CLIPS = ["h265_video.mp4", "video_0.mov"]
 FOUR = "prumerge,prumerge+,fixed:8,holitom:0.25"
@@ -114,12 +116,12 @@ def test_four_methods_one_forward_per_frame_each_as_if_alone(tmp_path, tiny_clip
     summary = run(config, encoder_stage=CountingEncodeTokens)
     frames = 6 + 3  # video_0.mov has 3 frames
     assert sum(forwards(output)) == summary.frames == frames, "one forward per frame, whatever the methods"
-    assert sorted(p.name for p in output.iterdir()) == sorted([*FOUR_DIRS, "logs"])
+    assert sorted(p.name for p in output.iterdir()) == sorted([*FOUR_DIRS, "lease", "logs"])
     assert list(summary.methods) == FOUR.split(",")
     for name in FOUR_DIRS:
         record = json.loads((output / name / "manifest.json").read_text())
         assert record["status"] == "completed" and record["config"]["method"] == FOUR
-        assert TokenReader(str(output / name)).metadata == {**record["run_metadata"], "schema_version": "4"}
+        assert TokenReader(str(output / name)).metadata == {**record["run_metadata"], "schema_version": "5"}
 
     # each method on the tower's output for the same decoded frames, computed here, one segment per video
     tower = describe_tower(str(tiny_clip_dir))
@@ -189,11 +191,20 @@ def test_layouts_are_not_mixed_and_each_method_folder_has_its_lease(tmp_path, ti
     with pytest.raises(RunSetupError, match="holds the output of a single method"):
         run(dataclasses.replace(base, output=str(tmp_path / "recorded"), method="prumerge,holitom:0.5"))
 
-    with OutputLease(str(several / "holitom-0.5"), "another-job"):  # a job writing that method's folder alone
+    with OutputLease(str(several / "holitom-0.5"), "another-job") as held:  # a job writing one folder alone
         with pytest.raises(OutputBusy, match="holitom-0.5 is being written by another job"):
             run(dataclasses.replace(base, output=str(several), method="prumerge,holitom:0.5"))
-    assert not list(several.glob("*/lease/*.json")), "no lease left behind: all taken, or none"
+        left = [json.loads(p.read_text()) for p in several.glob("**/lease/*.json") if str(p) != held.path]
+        assert left and all(lease["released"] for lease in left), "all taken, or none: those taken are released"
+    with OutputLease(str(several), "a-one-method-job"):  # a job writing the top alone: the same lease
+        with pytest.raises(OutputBusy, match="several is being written by another job: run a-one-method-job"):
+            run(dataclasses.replace(base, output=str(several), method="prumerge,holitom:0.5"))
+    assert not (several / "manifest.json").exists() and not list(several.glob("*/manifest.json"))
     run(dataclasses.replace(base, output=str(several), method="prumerge,holitom:0.5"))
+    fresh = tmp_path / "fresh"
+    with OutputLease(str(fresh), "a-multi-method-job"):  # and the other way round, before it committed anything
+        with pytest.raises(OutputBusy, match="fresh is being written by another job: run a-multi-method-job"):
+            run(dataclasses.replace(base, output=str(fresh)))
     with pytest.raises(RunSetupError, match=r"holds one folder per method \(holitom-0.5, prumerge\)"):
         run(dataclasses.replace(base, output=str(several)))
     with pytest.raises(FileNotFoundError, match=r"holds one output per method \(holitom-0.5, prumerge\).*open one"):
@@ -202,30 +213,79 @@ def test_layouts_are_not_mixed_and_each_method_folder_has_its_lease(tmp_path, ti
     assert (summary.frames, summary.skipped) == (0, 1), "one method's folder is an output of its own"
 
 
-def test_windows_never_span_frames_they_do_not_hold(tmp_path, tiny_clip_dir, ray_local):
-    """Windows are runs of neighbouring sampled frames, also when a resumed run re-encodes windows that are
-    not next to each other (their frames are decoded in one go): the reader gets every frame once."""
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    pictures = [numbered_picture(n) for n in (1, 6, 9, 6, 1) for _ in range(4)]  # P X Y X P, 4 frames each
-    write_h264(inputs / "shots.mp4", pictures, 10, {"g": "1"})
-    output = tmp_path / "out"
-    config = EncodeConfig(input=str(inputs), output=str(output), model=str(tiny_clip_dir), num_frames=20,
-                          method="holitom:0.5", frames_per_shard=1)
-    run(config)
+def shots_clip(directory: Path) -> Path:
+    """20 frames, four shots (P X Y X P, 4 frames each... and P again): HoliTom makes several windows."""
+    directory.mkdir(parents=True, exist_ok=True)
+    pictures = [numbered_picture(n) for n in (1, 6, 9, 6, 1) for _ in range(4)]
+    return write_h264(directory / "shots.mp4", pictures, 10, {"g": "1"})
+
+
+def windows_of(output: Path) -> list[tuple]:
+    """Every HoliTom window of the output's one video: (frames, tokens, positions, first frames, last frames)."""
     reader = TokenReader(str(output))
     [video_id] = reader.video_ids()
-    before = [row.frame_indices for row in reader.load(video_id).frames]
-    assert len(before) >= 3, f"the shots give windows: {before}"
+    return [(row.frame_indices, row.global_view.tokens, row.global_view.positions, row.global_view.first_frames,
+             row.global_view.last_frames) for row in reader.load(video_id).frames]
+
+
+def assert_same_windows(got: list[tuple], want: list[tuple]) -> None:
+    assert [w[0] for w in got] == [w[0] for w in want]
+    for a, b in zip(got, want):
+        assert all(torch.equal(x, y) for x, y in zip(a[1:], b[1:]))
+
+
+def test_windows_come_from_fixed_segments_whatever_was_resumed(tmp_path, tiny_clip_dir, ray_local):
+    """Segments are fixed on the sampling grid (8, 8 and 4 frames here) and a segment is committed whole:
+    setting aside the shards of two segments that are not neighbours re-encodes exactly those segments into
+    the same windows, and every frame is read once."""
+    inputs = tmp_path / "in"
+    shots_clip(inputs)
+    output = tmp_path / "out"
+    config = EncodeConfig(input=str(inputs), output=str(output), model=str(tiny_clip_dir), num_frames=20,
+                          method="holitom:0.5", frames_per_shard=1, segment_frames=8)
+    run(config)
+    before = windows_of(output)
+    assert len(before) >= 4, f"the shots give windows: {[w[0] for w in before]}"
     shards = sorted((output / "shards").glob("*.parquet"))
-    rows = {int(pq.read_table(path, columns=["frame_index"])["frame_index"][0].as_py()): path for path in shards}
-    for window in (before[0], before[-1]):  # two windows that are not neighbours
-        flip_byte(rows[window[0]], inside_tokens_page(rows[window[0]]))
-    run(dataclasses.replace(config, set_aside_damaged=True))
-    after = [row.frame_indices for row in TokenReader(str(output)).load(video_id).frames]
-    assert [i for row in after for i in row] == list(range(20))
-    assert all(list(row) == list(range(row[0], row[-1] + 1)) for row in after), after
-    assert after == before, "the same frames give the same windows"
+    by_segment = {int(pq.read_table(path, columns=["frame_index"])["frame_index"][0].as_py()) // 8: path
+                  for path in shards}
+    assert sorted(by_segment) == [0, 1, 2] and len(shards) == 3, "one shard per segment (a unit each)"
+    for segment in (0, 2):
+        flip_byte(by_segment[segment], inside_tokens_page(by_segment[segment]))
+    summary = run(dataclasses.replace(config, set_aside_damaged=True))
+    assert summary.frames == 8 + 4, "only the two segments set aside are encoded again"
+    after = windows_of(output)
+    assert [i for window in after for i in window[0]] == list(range(20))
+    assert all(not set(w[0]) - set(range(s, s + 8)) for w in after for s in [8 * (w[0][0] // 8)]), \
+        "no window crosses a segment"
+    assert_same_windows(after, before)
+
+
+def test_holitom_windows_are_the_same_resumed_alone_or_beside_another_method(tmp_path, tiny_clip_dir, ray_local):
+    """A resume of HoliTom beside a per-frame method that lacks other frames (so the decoder decodes frames
+    HoliTom does not need, and HoliTom's frames arrive with them) gives the windows and tokens of HoliTom
+    resumed alone, and of the first run."""
+    inputs = tmp_path / "in"
+    shots_clip(inputs)
+    output = tmp_path / "out"
+    config = EncodeConfig(input=str(inputs), output=str(output), model=str(tiny_clip_dir), num_frames=20,
+                          method="prumerge,holitom:0.5", frames_per_shard=1, segment_frames=8)
+    run(config)
+    before = windows_of(output / "holitom-0.5")
+    per_frame = sorted((output / "prumerge" / "shards").glob("*.parquet"))
+    for shard in per_frame[3:12:2]:  # frames of every segment, for prumerge only
+        flip_byte(shard, inside_tokens_page(shard))
+    holitom_shards = sorted((output / "holitom-0.5" / "shards").glob("*.parquet"))
+    middle = next(p for p in holitom_shards if pq.read_table(p, columns=["frame_index"])["frame_index"][0].as_py() == 8)
+    flip_byte(middle, inside_tokens_page(middle))
+    alone = tmp_path / "alone"
+    shutil.copytree(output / "holitom-0.5", alone)
+    beside = run(dataclasses.replace(config, set_aside_damaged=True))
+    assert (beside.methods["prumerge"]["frames"], beside.methods["holitom:0.5"]["frames"]) == (5, 8)
+    resumed_alone = run(dataclasses.replace(config, output=str(alone), method="holitom:0.5", set_aside_damaged=True))
+    assert resumed_alone.frames == 8
+    assert_same_windows(windows_of(output / "holitom-0.5"), before)
+    assert_same_windows(windows_of(alone), before)
 
 
 def test_each_method_gets_back_exactly_what_it_lacks(tmp_path, tiny_clip_dir, ray_local):

@@ -29,7 +29,7 @@ from pipeline.report import failure_line, summarize
 from pipeline.run import run
 from pipeline.schema import METADATA_KEY, file_metadata, read_file_metadata
 from pipeline.sequence import SequenceLayout, llava_sequence
-from pipeline.commit import ROW_GROUP_ROWS, index_entries, row_group_rows
+from pipeline.index import ROW_GROUP_ROWS, index_entries, row_group_rows
 from media import VIDEOS, decode_frame, video
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,7 +114,7 @@ def test_round_trip_is_bit_for_bit(video_output):
     nasa = reader.load(next(v for v in reader.video_ids() if v.startswith("nasa")))
     assert nasa.source_info == {"codec": "h264", "stream_index": 3, "rotation": 0, "width": 480, "height": 270,
                                 "num_frames": 390, "fps": pytest.approx(30000 / 1001), "duration_s": pytest.approx(13.013),
-                                "time_source": "pts", "sampled_frames": 6}
+                                "time_source": "pts", "sampled_frames": 6, "unreadable_tail": None}
     corrupted = next(v for v in reader.video_ids() if v.startswith("corrupted"))
     assert [f.frame_index for f in reader.load(corrupted).frames] == [0, 9, 19]
     errors = reader.errors()
@@ -160,7 +160,7 @@ def test_load_reads_only_the_row_groups_of_its_video(video_output, tmp_path):
 
 
 def commit_by_hand(shard: Path) -> None:
-    """Write the index entries of a shard file made by hand (`pipeline.commit`'s format), committing it."""
+    """Write the index entries of a shard file made by hand (`pipeline.index`'s format), committing it."""
     parquet = pq.ParquetFile(shard)
     table = parquet.read()
     entries = index_entries(table, shard.name, shard.stat().st_size, row_group_rows(parquet.metadata))
@@ -200,7 +200,7 @@ def test_mixed_models_or_methods_and_unknown_versions_are_refused(video_output, 
                                       pa.array(sizes, pa.int64())), index)
     reader = TokenReader(str(mixed))
     video_id = pq.read_table(shard, columns=["video_id"])["video_id"][0].as_py()
-    with pytest.raises(MixedShardsError, match=r"other settings than its index records: \['layer'\]"):
+    with pytest.raises(MixedShardsError, match=r"made with other settings \(layer\) than its index records"):
         reader.load(video_id)
 
     rewrite_metadata(index, schema_version="99")

@@ -6,6 +6,7 @@ import json
 import logging
 
 from pipeline.runlog import RunLog, new_run_id, plain_text, write_run_record
+from pipeline.store import Store
 
 
 def test_run_ids_sort_by_start_time_and_differ_within_a_millisecond():
@@ -20,10 +21,10 @@ def test_run_ids_sort_by_start_time_and_differ_within_a_millisecond():
 def test_records_keep_every_run_and_a_legacy_manifest(tmp_path):
     legacy = {"config": {"num_frames": 8}, "finished_at": "2026-11-26T10:00:00Z"}
     (tmp_path / "manifest.json").write_text(json.dumps(legacy))
-    path = write_run_record(str(tmp_path), "20261129T080000.000Z-aaaaaa", {"run_id": "20261129T080000.000Z-aaaaaa"})
+    path = write_run_record(Store(str(tmp_path)), "20261129T080000.000Z-aaaaaa", {"run_id": "20261129T080000.000Z-aaaaaa"})
     assert path == str(tmp_path / "runs" / "20261129T080000.000Z-aaaaaa.json")
     assert json.loads((tmp_path / "runs" / "20261126T100000.000Z-legacy.json").read_text()) == legacy
-    write_run_record(str(tmp_path), "20261129T090000.000Z-bbbbbb", {"run_id": "20261129T090000.000Z-bbbbbb"})
+    write_run_record(Store(str(tmp_path)), "20261129T090000.000Z-bbbbbb", {"run_id": "20261129T090000.000Z-bbbbbb"})
     assert json.loads((tmp_path / "manifest.json").read_text())["run_id"] == "20261129T090000.000Z-bbbbbb"
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [
         "20261126T100000.000Z-legacy.json", "20261129T080000.000Z-aaaaaa.json", "20261129T090000.000Z-bbbbbb.json"]
@@ -32,7 +33,7 @@ def test_records_keep_every_run_and_a_legacy_manifest(tmp_path):
 
 def test_an_unreadable_old_manifest_is_kept_byte_for_byte(tmp_path):
     (tmp_path / "manifest.json").write_bytes(b"")
-    write_run_record(str(tmp_path), "20261129T080000.000Z-aaaaaa", {"run_id": "20261129T080000.000Z-aaaaaa"})
+    write_run_record(Store(str(tmp_path)), "20261129T080000.000Z-aaaaaa", {"run_id": "20261129T080000.000Z-aaaaaa"})
     (legacy,) = (tmp_path / "runs").glob("*-legacy.json")
     assert legacy.read_bytes() == b""
 

@@ -28,7 +28,7 @@ from pipeline.reader import TokenReader
 from pipeline.render import KEPT_OUTLINE, PLOT_HEIGHT, SPANNING_OUTLINE, TEMPORAL_CAPTION
 from pipeline.report import summarize
 from pipeline.run import run
-from pipeline.schema import METADATA_KEY, PROVENANCE_COLUMNS, read_file_metadata
+from pipeline.schema import METADATA_KEY, PROVENANCE_COLUMNS, read_file_metadata, source_info_type
 from pipeline.sequence import SequenceLayout, llava_sequence
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +80,7 @@ def tokens_of(frame) -> list[tuple[int, int, int]]:
 def test_rows_are_windows_covering_each_sampled_frame_once(outputs):
     holitom, per_frame = TokenReader(str(outputs / "holitom-0.25")), TokenReader(str(outputs / "prumerge"))
     assert holitom.metadata["method"] == "holitom" and holitom.metadata["method_params"]["retention"] == 0.25
-    assert holitom.metadata["schema_version"] == "4"
+    assert holitom.metadata["schema_version"] == "5"
     assert sorted(holitom.video_ids()) == sorted(per_frame.video_ids())
     windows = {}
     for vid in holitom.video_ids():
@@ -244,17 +244,24 @@ def test_summary_counts_windows_and_source_frames(outputs):
     assert "temporal windows" not in "\n".join(per_frame.lines())
 
 
-def as_version_3(output: Path, copy: Path) -> Path:
-    """``output`` (a per-frame method's, schema version 4) rewritten as version 3 wrote it: the shards without
-    the columns saying what frames a row and a token stand for, row groups kept, the index's sizes updated."""
+def as_version(output: Path, copy: Path, version: str) -> Path:
+    """``output`` (a per-frame method's, schema version 5) rewritten as ``version`` (3 or 4) wrote it: the shards
+    without the columns later versions added (4: what frames a row and a token stand for; 5: the attempt and the
+    source's unreadable tail), row groups kept, the index without attempts and with its sizes updated."""
     shutil.copytree(output, copy)
+    dropped = ["attempt", *(PROVENANCE_COLUMNS if version == "3" else ())]
     sizes = {}
     for path in (copy / "shards").glob("*.parquet"):
         parquet = pq.ParquetFile(path)
         metadata = read_file_metadata(parquet.schema_arrow)
-        metadata["schema_version"] = "3"
-        groups = [parquet.read_row_group(g).drop_columns(list(PROVENANCE_COLUMNS))
-                  for g in range(parquet.metadata.num_row_groups)]
+        metadata["schema_version"] = version
+        groups = []
+        for g in range(parquet.metadata.num_row_groups):
+            group = parquet.read_row_group(g).drop_columns(dropped)
+            info = group["source_info"].combine_chunks()
+            older = pa.StructArray.from_arrays([info.field(f.name) for f in source_info_type(version)],
+                                               fields=list(source_info_type(version)))
+            groups.append(group.set_column(group.column_names.index("source_info"), "source_info", older))
         parquet.close()
         schema = groups[0].schema.with_metadata({METADATA_KEY: json.dumps(metadata).encode()})
         with pq.ParquetWriter(path, schema, compression="zstd", write_page_checksum=True) as writer:
@@ -262,23 +269,28 @@ def as_version_3(output: Path, copy: Path) -> Path:
                 writer.write_table(group.replace_schema_metadata(schema.metadata))
         sizes[path.name] = path.stat().st_size
     for path in (copy / "index").glob("*.parquet"):
-        index = pq.read_table(path)
+        index = pq.read_table(path).drop_columns(["attempt"])
         metadata = read_file_metadata(index.schema)
-        metadata["schema_version"] = "3"
+        metadata["schema_version"] = version
         column = pa.array([sizes[name] for name in index["file"].to_pylist()], pa.int64())
         index = index.set_column(index.column_names.index("file_bytes"), "file_bytes", column)
         pq.write_table(index.replace_schema_metadata({METADATA_KEY: json.dumps(metadata).encode()}), path)
     return copy
 
 
-def test_a_version_3_output_reads_as_one_frame_per_row(outputs, tmp_path):
+@pytest.mark.parametrize("version", ["3", "4"])
+def test_an_older_output_reads_as_today(outputs, tmp_path, version):
+    """Version 3 (one frame per row, no provenance columns) and version 4 (no attempts, no unreadable tail)
+    read as today's rows: each row and token stands for its own frame, attempts unknown."""
     today = TokenReader(str(outputs / "prumerge"))
-    old = TokenReader(str(as_version_3(outputs / "prumerge", tmp_path / "v3")))
-    assert old.metadata["schema_version"] == "3"
-    shard = next((tmp_path / "v3" / "shards").glob("*.parquet"))
-    assert not set(PROVENANCE_COLUMNS) & set(pq.read_schema(shard).names)
+    old = TokenReader(str(as_version(outputs / "prumerge", tmp_path / f"v{version}", version)))
+    assert old.metadata["schema_version"] == version
+    shard = next((tmp_path / f"v{version}" / "shards").glob("*.parquet"))
+    names = set(pq.read_schema(shard).names)
+    assert "attempt" not in names and (version == "4") == (set(PROVENANCE_COLUMNS) <= names)
     for vid in today.video_ids():
         new, upgraded = today.load(vid), old.load(vid)
+        assert upgraded.source_info["unreadable_tail"] is None
         assert [f.frame_indices for f in upgraded.frames] == [(f.frame_index,) for f in new.frames]
         assert [f.timestamps for f in upgraded.frames] == [f.timestamps for f in new.frames]
         for a, b in zip(new.frames, upgraded.frames):

@@ -21,10 +21,11 @@ from operators.towers import describe_tower
 from pipeline.config import EncodeConfig
 from pipeline.reader import TokenReader
 from pipeline.render import render_video
-from pipeline.run import RunSetupError, run, run_metadata
+from pipeline.outputs import run_metadata
+from pipeline.run import RunSetupError, run
 from pipeline.schema import METADATA_KEY, differing_settings, read_file_metadata, upgrade_metadata
 from pipeline.sequence import llava_sequence
-from pipeline.stages import frame_request
+from pipeline.decoder import frame_request
 from media import VIDEOS
 
 ROOT = Path(__file__).resolve().parents[1]
