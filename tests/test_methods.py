@@ -214,7 +214,7 @@ def test_layouts_are_not_mixed_and_each_method_folder_has_its_lease(tmp_path, ti
 
 
 def shots_clip(directory: Path) -> Path:
-    """20 frames, four shots (P X Y X P, 4 frames each... and P again): HoliTom makes several windows."""
+    """20 frames in five shots (pictures 1, 6, 9, 6, 1, 4 frames each): HoliTom makes several windows."""
     directory.mkdir(parents=True, exist_ok=True)
     pictures = [numbered_picture(n) for n in (1, 6, 9, 6, 1) for _ in range(4)]
     return write_h264(directory / "shots.mp4", pictures, 10, {"g": "1"})
@@ -228,6 +228,17 @@ def windows_of(output: Path) -> list[tuple]:
              row.global_view.last_frames) for row in reader.load(video_id).frames]
 
 
+def encode_shots(tmp_path: Path, model: Path, method: str) -> tuple[EncodeConfig, Path]:
+    """``shots_clip``'s 20 frames encoded with ``method`` in segments of 8, a unit per shard: (config, output)."""
+    inputs = tmp_path / "in"
+    shots_clip(inputs)
+    output = tmp_path / "out"
+    config = EncodeConfig(input=str(inputs), output=str(output), model=str(model), num_frames=20, method=method,
+                          frames_per_shard=1, segment_frames=8)
+    run(config)
+    return config, output
+
+
 def assert_same_windows(got: list[tuple], want: list[tuple]) -> None:
     assert [w[0] for w in got] == [w[0] for w in want]
     for a, b in zip(got, want):
@@ -238,12 +249,7 @@ def test_windows_come_from_fixed_segments_whatever_was_resumed(tmp_path, tiny_cl
     """Segments are fixed on the sampling grid (8, 8 and 4 frames here) and a segment is committed whole:
     setting aside the shards of two segments that are not neighbours re-encodes exactly those segments into
     the same windows, and every frame is read once."""
-    inputs = tmp_path / "in"
-    shots_clip(inputs)
-    output = tmp_path / "out"
-    config = EncodeConfig(input=str(inputs), output=str(output), model=str(tiny_clip_dir), num_frames=20,
-                          method="holitom:0.5", frames_per_shard=1, segment_frames=8)
-    run(config)
+    config, output = encode_shots(tmp_path, tiny_clip_dir, "holitom:0.5")
     before = windows_of(output)
     assert len(before) >= 4, f"the shots give windows: {[w[0] for w in before]}"
     shards = sorted((output / "shards").glob("*.parquet"))
@@ -265,12 +271,7 @@ def test_holitom_windows_are_the_same_resumed_alone_or_beside_another_method(tmp
     """A resume of HoliTom beside a per-frame method that lacks other frames (so the decoder decodes frames
     HoliTom does not need, and HoliTom's frames arrive with them) gives the windows and tokens of HoliTom
     resumed alone, and of the first run."""
-    inputs = tmp_path / "in"
-    shots_clip(inputs)
-    output = tmp_path / "out"
-    config = EncodeConfig(input=str(inputs), output=str(output), model=str(tiny_clip_dir), num_frames=20,
-                          method="prumerge,holitom:0.5", frames_per_shard=1, segment_frames=8)
-    run(config)
+    config, output = encode_shots(tmp_path, tiny_clip_dir, "prumerge,holitom:0.5")
     before = windows_of(output / "holitom-0.5")
     per_frame = sorted((output / "prumerge" / "shards").glob("*.parquet"))
     for shard in per_frame[3:12:2]:  # frames of every segment, for prumerge only
