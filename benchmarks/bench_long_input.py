@@ -49,7 +49,7 @@ def make_avi(path: Path, frames: int, size: tuple[int, int]) -> Path:
         stream = container.add_stream("mpeg4", rate=FPS)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = {"g": str(10 * FPS)}
-        stream.bit_rate = 150_000
+        stream.bit_rate = width * height * 4  # about 1.2 Mbit/s at 640x480
         for number in range(frames):
             picture = av.VideoFrame.from_ndarray(numbered_picture(number, width, height), format="rgb24")
             container.mux(stream.encode(picture))

@@ -24,6 +24,7 @@ that wrote the same number the one whose record is not there stops.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -62,7 +63,7 @@ class Holder:
 
     path: str
     generation: int
-    run_id: str
+    run_id: str | None  # None: its record could not be read
     host: str
     pid: int
     started_at: str
@@ -72,7 +73,13 @@ class Holder:
     def describe(self) -> str:
         heartbeat = (f"heartbeat {self.age_s:.0f} s ago" if self.age_s >= -1 else
                      f"heartbeat {-self.age_s:.0f} s in the future: is that clock ahead of this one?")
-        return f"run {self.run_id} (host {self.host}, pid {self.pid}, started {self.started_at}, {heartbeat})"
+        return f"run {self.run_id or '?'} (host {self.host}, pid {self.pid}, started {self.started_at}, {heartbeat})"
+
+
+@functools.lru_cache(maxsize=64)
+def _filesystem(output: str) -> tuple[pafs.FileSystem, str]:
+    """`filesystem_and_path` of ``output``, made once per process (an object store's may look up its region)."""
+    return filesystem_and_path(output)
 
 
 def lease_path(root: str, generation: int) -> str:
@@ -95,7 +102,7 @@ def holders(fs: pafs.FileSystem, root: str, read: bool = True) -> list[Holder]:
             except (OSError, ValueError):
                 record = {}  # removed meanwhile, or damaged: judged by its age alone
         age = now - info.mtime.timestamp() if info.mtime else 0.0
-        found.append(Holder(info.path, int(match.group(1)), str(record.get("run_id", "?")),
+        found.append(Holder(info.path, int(match.group(1)), record.get("run_id"),
                             str(record.get("host", "?")), int(record.get("pid", -1)),
                             str(record.get("started_at", "?")), bool(record.get("released", False)), age))
     return sorted(found, key=lambda holder: holder.generation)
@@ -112,9 +119,11 @@ class Fence:
 
     def check(self) -> None:
         """Raise `LeaseLost` unless this run still holds the output."""
-        fs, root = filesystem_and_path(self.output)
+        fs, root = _filesystem(self.output)
         found = holders(fs, root, read=not is_local(fs))
         top = found[-1] if found else None
+        if top is not None and top.generation == self.generation and not is_local(fs) and top.run_id is None:
+            raise OSError(f"cannot read the lease {top.path} (a read that failed, or a damaged file)")
         if top is None or top.generation != self.generation or (not is_local(fs) and top.run_id != self.run_id):
             raise LeaseLost(f"run {self.run_id} no longer holds {redact_credentials(self.output)}: another job took "
                             "its lease over; nothing more is written by this run")

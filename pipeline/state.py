@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
@@ -45,7 +46,11 @@ class OutputState:
     ``errors`` its error rows (`ERROR_SCHEMA`)."""
 
     def __init__(self, entries: pa.Table, errors: pa.Table) -> None:
-        self.entries = entries
+        self.entries = entries.sort_by("video_id")
+        ids = self.entries["video_id"].to_numpy(zero_copy_only=False)
+        starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if len(ids) else np.zeros(0, np.int64)
+        # each video's entries, found once: (start, stop) in the sorted entries
+        self._spans = dict(zip(ids[starts].tolist(), zip(starts.tolist(), [*starts[1:].tolist(), len(ids)])))
         counts = pa.table({"video_id": entries["video_id"], "frames": pc.list_value_length(entries["frame_indices"]),
                            "sampled": entries["sampled_frames"], "attempt": pc.fill_null(entries["attempt"], 0)})
         per_video = counts.group_by("video_id").aggregate([("frames", "sum"), ("sampled", "max"), ("attempt", "max")])
@@ -66,8 +71,9 @@ class OutputState:
     def committed(self, video_id: str) -> set[int]:
         """Frames of ``video_id`` in committed shards."""
         if video_id not in self._committed:
-            rows = self.entries.filter(pc.equal(self.entries["video_id"], video_id))
-            self._committed[video_id] = {i for frames in rows["frame_indices"].to_pylist() for i in frames}
+            start, stop = self._spans.get(video_id, (0, 0))
+            frames = self.entries["frame_indices"].slice(start, stop - start).to_pylist()
+            self._committed[video_id] = {i for row in frames for i in row}
         return self._committed[video_id]
 
     def _current(self, video_id: str, rows: list[dict]) -> VideoErrors:

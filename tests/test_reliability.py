@@ -70,6 +70,7 @@ def known_faults(directory: Path) -> dict[str, str]:
     clip.unlink()
     moov = data.index(b"moov")
     (directory / "moov_cut.mp4").write_bytes(data[:moov + int.from_bytes(data[moov - 4:moov], "big") // 2])
+    (directory / "mdat_cut.mp4").write_bytes(data[:len(data) // 2])  # whole index, half the data: not a fault
     stsd = bytearray((HOSTILE_VIDEOS / "one_frame.mp4").read_bytes())
     at = stsd.index(b"stsd") + 16
     stsd[at:at + 4] = b"\0\0\0\0"  # the sample description's codec entry
@@ -87,23 +88,29 @@ def current_errors(output: Path) -> list[dict]:
 
 def test_media_faults_are_error_rows_and_every_good_input_is_encoded(tmp_path, tiny_clip_dir, ray_local):
     """An unknown FourCC, an MP4 cut inside its moov, a damaged sample description, a sample table that refuses
-    seeks: each an error row for good naming what is wrong, while both good clips are encoded; the next run
-    reads nothing again."""
+    seeks: each an error row for good naming what is wrong, while both good clips are encoded; an MP4 cut inside
+    its data is read up to the cut (its sampling covers what it holds, and its rows say where it stopped); the
+    next run reads nothing again."""
     inputs = link(tmp_path / "in")
     expected = known_faults(inputs)
     output = tmp_path / "out"
     config = EncodeConfig(input=str(inputs), output=str(output), model=str(tiny_clip_dir), num_frames=4)
     first = run(config)
-    assert (first.encoded, first.failed, first.retryable, first.missing) == (2, 4, 0, 0)
+    assert (first.encoded, first.failed, first.retryable, first.missing) == (3, 4, 0, 0)
     rows = {Path(r["source_path"]).name: r for r in current_errors(output)}
     assert {name: r["error_type"] for name, r in rows.items()} == expected
     assert not any(r["retryable"] for r in rows.values())
     assert "ZQZQ" in rows["unknown_fourcc.avi"]["error_message"]
     assert "cannot seek" in rows["seek_refused.mp4"]["error_message"] and rows["seek_refused.mp4"]["frame_indices"]
     reader = TokenReader(str(output))
-    assert sorted(Path(reader.load(v).source_path).name for v in reader.video_ids()) == GOOD
+    videos = {Path(video.source_path).name: video for video in map(reader.load, reader.video_ids())}
+    assert sorted(videos) == sorted([*GOOD, "mdat_cut.mp4"])
+    cut = videos["mdat_cut.mp4"]
+    assert cut.source_info["unreadable_tail"].startswith("the container lists 50 frames but holds the data of ")
+    assert 0 < cut.source_info["num_frames"] < 50 and cut.frames[-1].frame_index == cut.source_info["num_frames"] - 1
+    assert all(videos[name].source_info["unreadable_tail"] is None for name in GOOD)
     second = run(config)
-    assert (second.skipped, second.skipped_failed, second.frames) == (6, 4, 0)
+    assert (second.skipped, second.skipped_failed, second.frames) == (7, 4, 0)
 
 
 def mutate(source: Path, rng: random.Random) -> bytes:
