@@ -6,7 +6,8 @@ restarted after it was killed or died. The protocol is `multiprocessing.connecti
 over the child's stdin/stdout; the child moves its own stdout to stderr first, so nothing a native
 library prints can corrupt the stream. Each call sends ``(function, args, heartbeat_s)``; the child calls
 ``function(*args, progress=...)`` and answers with ``("item", x)`` per item the generator yields, then
-``("done", None)``, or ``("raise", exception)``.
+``("done", None)``, or ``("raise", exception)``, which the caller gets as `ChildRaised` (so that it can
+tell the child's errors from its own).
 
 **Progress, not output, keeps a call alive.** The function calls ``progress()`` whenever it moves on (the
 decoder: every packet read or decoded, every picture decoded); the child sends ``("progress", None)`` at
@@ -30,16 +31,29 @@ from multiprocessing.connection import Connection
 
 STARTUP_TIMEOUT_S = 120.0  # for the child to import its modules; not counted as a stall
 HEARTBEAT_S = 1.0  # the most time between two progress messages of a child that is moving on
+MAX_WAIT_S = 1e6  # the longest single wait (a poll longer than ~9.2e9 s overflows)
 
 
 class ChildFailed(Exception):
-    """The child stopped answering (``stalled``) or died (``exit_code``); what it was doing is lost."""
+    """The child stopped answering (``stalled``), ran past its call's deadline (``timed_out``) or died
+    (``exit_code``); what it was doing is lost."""
 
-    def __init__(self, reason: str, stalled: bool, exit_code: int | None) -> None:
+    def __init__(self, reason: str, stalled: bool, exit_code: int | None, timed_out: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.stalled = stalled
         self.exit_code = exit_code
+        self.timed_out = timed_out
+
+
+class ChildRaised(Exception):
+    """The function raised in the child: ``error`` is what it raised (re-created here), or, when that could
+    not be sent back, a `RuntimeError` saying what it was. Raised by `ChildProcess.run` so that a caller can
+    tell the child's errors from its own."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.error = error
 
 
 def _death(exit_code: int) -> str:
@@ -85,25 +99,34 @@ class ChildProcess:
         self._process.stdout.close()
         try:
             ready = self._receive.poll(STARTUP_TIMEOUT_S) and self._receive.recv() == ("ready", None)
-        except EOFError:
+        except EOFError:  # it closed its end: it is exiting
             ready = False
         if not ready:
-            code = self._process.poll()
+            try:
+                code = self._process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                code = None
             self.close()
             state = f"exited with status {code}" if code is not None else f"not ready after {STARTUP_TIMEOUT_S} s"
             raise RuntimeError(f"the decoder process did not start ({state}; its stderr is in the worker's log)")
 
-    def run(self, function: Callable[..., Iterator], *args, stall_timeout_s: float | None = None) -> Iterator:
+    def run(self, function: Callable[..., Iterator], *args, stall_timeout_s: float | None = None,
+            deadline_s: float | None = None) -> Iterator:
         """Yield what ``function(*args, progress=...)`` yields, computed in the child.
 
         Args:
             stall_timeout_s: this call's stall limit (default: the process's).
+            deadline_s: the most seconds the whole call may take, however much progress it reports (None:
+                no limit).
 
         Raises:
-            ChildFailed: the child sent neither an item nor progress for the stall limit (it is killed), or died.
-            Exception: whatever ``function`` raised in the child, re-raised here.
+            ChildFailed: the child sent neither an item nor progress for the stall limit, or ran past the
+                deadline (it is killed), or died.
+            ChildRaised: ``function`` raised in the child (what it raised is its ``error``).
+            RuntimeError: the child process could not be started (a fault of the machine or the installation).
         """
         limit = stall_timeout_s or self.stall_timeout_s
+        ends = time.monotonic() + deadline_s if deadline_s is not None else None
         if self._process is None or self._process.poll() is not None:
             self.close()
             self._start()
@@ -114,12 +137,17 @@ class ChildProcess:
             except (BrokenPipeError, OSError):
                 raise self._failure(stalled=False) from None
             while True:
-                if not self._receive.poll(limit):
+                left = min(limit, MAX_WAIT_S) if ends is None else min(limit, MAX_WAIT_S, ends - time.monotonic())
+                if not self._receive.poll(max(left, 0.0)):
+                    if ends is not None and time.monotonic() >= ends:
+                        raise self._failure(stalled=False, timed_out=deadline_s)
                     raise self._failure(stalled=True, limit=limit)
                 try:
                     kind, payload = self._receive.recv()
                 except EOFError:
                     raise self._failure(stalled=False) from None
+                except Exception as error:  # noqa: BLE001 - a message of the child's that does not unpickle here
+                    raise ChildRaised(RuntimeError(f"a message of the child could not be read: {error}")) from None
                 if kind == "progress":
                     continue
                 if kind == "item":
@@ -129,12 +157,15 @@ class ChildProcess:
                     return
                 else:
                     finished = True
-                    raise payload
+                    raise ChildRaised(payload)
         finally:
             if not finished:
                 self.close()  # a call left half-way (stalled, died, or its caller stopped early) poisons the child
 
-    def _failure(self, stalled: bool, limit: float = 0.0) -> ChildFailed:
+    def _failure(self, stalled: bool, limit: float = 0.0, timed_out: float | None = None) -> ChildFailed:
+        if timed_out is not None:
+            self.close()
+            return ChildFailed(f"still working after {timed_out:g} s: stopped", False, None, timed_out=True)
         if stalled:
             self.close()
             return ChildFailed(f"no progress for {limit:g} s: stopped as hung", True, None)

@@ -76,6 +76,10 @@ class EncodeConfig:
         "a decoder that makes no progress (reads or decodes no packet) for this many seconds is stopped as hung; "
         "the input's frames it did not deliver become error rows the next run tries again, with this limit "
         "doubled for each earlier decoder failure of the input (the third is for good)", 300.0)
+    input_timeout_s: float = _flag(
+        "the most seconds one input may spend in its decoder however much progress it reports (an endless "
+        "stream); then it is stopped, and the next run tries it again with this limit doubled for each earlier "
+        "decoder failure of the input (the third is for good)", 21600.0)
     num_decoders: int | None = _flag("decoder actors, one CPU each, each decoding one input at a time with one "
                                      "thread (default: the cluster's CPUs the encoders do not reserve)")
     num_encoders: int | None = _flag("encoder actors (default: one per GPU; on CPU one per node with room for it)")
@@ -122,8 +126,9 @@ class EncodeConfig:
         self.sampling()  # --num-frames / --fps / --max-frames out of range: refused now, not in every decoder
         if not 0 < self.shard_mb < float("inf"):
             raise ValueError("--shard-mb must be a positive number")
-        if not self.decode_timeout_s > 0:
-            raise ValueError("--decode-timeout-s must be > 0")
+        for name in ("decode_timeout_s", "input_timeout_s"):
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive number of seconds")
         if not self.gpu_wait_s >= 0:
             raise ValueError("--gpu-wait-s must be >= 0")
         if self.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):

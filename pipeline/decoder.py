@@ -30,9 +30,9 @@ from operators.errors import MediaError, first_line
 from operators.frames import FrameRequest, error_row, frame_span, open_input
 from operators.preprocess import Preprocessing
 from operators.timeline import Progress, no_progress
-from pipeline.child import ChildFailed, ChildProcess
+from pipeline.child import ChildFailed, ChildProcess, ChildRaised
 from pipeline.config import EncodeConfig
-from pipeline.failures import Failure, stall_limit
+from pipeline.failures import Failure, grown_limit
 from pipeline.inputs import local_file
 from pipeline.plan import InputPlan, MethodNeeds, needs_of, plan_input
 
@@ -74,8 +74,9 @@ class DecodeInputs:
     ``preprocessing`` is the tower's (`EncodeConfig.preprocessing`). ``filesystems``
     (`pipeline.inputs.Listing.filesystems`) open each row's ``path``: the filesystem that listed an input
     opens it, with its options (endpoint, region). One child process per actor does the decoding; it is
-    killed when it reports no progress for the input's stall limit (`pipeline.failures.stall_limit`) and
-    restarted for the next input.
+    killed when it reports no progress for the input's stall limit, or works on it past its deadline
+    (`pipeline.failures.grown_limit`), and restarted for the next input. What the child raises is the
+    input's outcome; an error of this actor's own (the child cannot start, a fault of this code) fails the run.
     """
 
     def __init__(self, config: EncodeConfig, preprocessing: Preprocessing,
@@ -106,15 +107,17 @@ class DecodeInputs:
                 return
             request = frame_request(self.config, self.preprocessing, path)
             failures = int(row["decoder_failures"])
-            limit = stall_limit(self.config.decode_timeout_s, failures)
+            items = self.child.run(decode_input, request, needs,
+                                   stall_timeout_s=grown_limit(self.config.decode_timeout_s, failures),
+                                   deadline_s=grown_limit(self.config.input_timeout_s, failures))
             try:
-                for item in self.child.run(decode_input, request, needs, stall_timeout_s=limit):
+                for item in items:
                     yield from rows.add(item)
             except ChildFailed as failure:
-                kind = "DecoderStalled" if failure.stalled else "DecoderDied"
+                kind = "DecoderTimeout" if failure.timed_out else "DecoderStalled" if failure.stalled else "DecoderDied"
                 yield from rows.stopped(Failure.decoder(kind, failure.reason, failures))
-            except Exception as error:  # noqa: BLE001 - raised in the child: not known to be the input's fault
-                reason = f"the decoder raised {type(error).__name__}: {first_line(error)}"
+            except ChildRaised as raised:  # not a media fault: not known to be the input's
+                reason = f"the decoder raised {type(raised.error).__name__}: {first_line(raised.error)}"
                 yield from rows.stopped(Failure.decoder("DecoderError", reason, failures))
 
     def __del__(self) -> None:

@@ -10,16 +10,18 @@ that needed its frames; nothing one input does fails the run. Three classes:
   again gives the same answer: ``retryable`` false.
 * **Decoder failures** (retryable, counted): the decoder made no progress for the stall limit
   (``DecoderStalled``: it reports every packet it reads or decodes, so the limit means "nothing moved"),
-  its process died (``DecoderDied``: killed by the kernel's out-of-memory killer, a native crash), or it
-  raised something that is not a media fault (``DecoderError``). These may be the input's fault or the
-  machine's: the next run tries the frames again, with the stall limit doubled for every decoder failure
-  the input had; the `MAX_DECODER_FAILURES`-th is recorded as permanent.
+  worked on the input past its deadline however much progress it reported (``DecoderTimeout``: an endless
+  stream), its process died (``DecoderDied``: killed by the kernel's out-of-memory killer, a native crash),
+  or it raised something that is not a media fault (``DecoderError``). These may be the input's fault or the
+  machine's: the next run tries the frames again, with both limits doubled for every decoder failure the
+  input had; the `MAX_DECODER_FAILURES`-th is recorded as permanent.
 * **Read failures** (retryable, never permanent): a remote input that cannot be read after
   `pipeline.inputs.FETCH_ATTEMPTS` tries (``InputReadError``): the network's fault, retried by every later
   run and never counted against the input.
 
-Failures of the run itself (out of memory in an encoder, the output's own filesystem, a lost lease, a fault
-of this code outside the decoder) fail the run: nothing about them is recorded against an input.
+Failures of the run itself (out of memory in an encoder, the output's own filesystem, a lost lease, a decoder
+process that cannot start, a fault of this code outside the decoder) fail the run: nothing about them is
+recorded against an input.
 """
 
 from __future__ import annotations
@@ -27,15 +29,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MAX_DECODER_FAILURES = 3  # decoder failures of one input before the last is recorded as permanent
-STALL_GROWTH = 2.0  # the stall limit of an input's next try, per decoder failure it had
-DECODER_FAILURES = ("DecoderStalled", "DecoderDied", "DecoderError")
+LIMIT_GROWTH = 2.0  # an input's next try's limits, per decoder failure it had
+DECODER_FAILURES = ("DecoderStalled", "DecoderTimeout", "DecoderDied", "DecoderError")
 READ_FAILURE = "InputReadError"
 
 
-def stall_limit(base_s: float, decoder_failures: int) -> float:
-    """Seconds without progress before an input's decoder is stopped: ``--decode-timeout-s`` doubled for
-    each decoder failure the input had in earlier runs (300, 600, 1200 s by default)."""
-    return base_s * STALL_GROWTH ** decoder_failures
+def grown_limit(base_s: float, decoder_failures: int) -> float:
+    """An input's limit on this try: ``base_s`` (``--decode-timeout-s``, ``--input-timeout-s``) doubled for
+    each decoder failure the input had in earlier runs (the stall limit: 300, 600, 1200 s by default)."""
+    return base_s * LIMIT_GROWTH ** decoder_failures
 
 
 @dataclass(frozen=True)

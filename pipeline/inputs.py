@@ -442,11 +442,15 @@ def local_file(fs: pafs.FileSystem, path: str) -> Iterator[str]:
     """A local path for ``path`` on ``fs``: itself when local, else a temporary copy (`fetch`), made once.
 
     Raises:
-        FileNotFoundError: the remote file does not exist.
+        FileNotFoundError: the file does not exist (it was listed, then removed; or a link to nothing).
         IsADirectoryError: it is a folder (or a bucket).
         OSError: the remote file could not be read, ``FETCH_ATTEMPTS`` times (transient: not the input's fault).
     """
     if is_local(fs):
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"{path} is a folder, not a file")
+        if not os.path.exists(path):
+            raise FileNotFoundError(path)
         yield path
         return
     with tempfile.NamedTemporaryFile(suffix=PurePosixPath(path).suffix) as copy:

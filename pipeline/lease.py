@@ -17,7 +17,9 @@ that wrote the same number the one whose record is not there stops.
   object store: a rewrite after a fence check): it never brings back a lease another job has taken over,
   because a takeover creates a higher number, and a lower one never again holds the output.
 * **The fence.** `Fence.check` (picklable; write tasks carry it in their `pipeline.store.Store`) lists
-  the lease folder: unless the highest number is its own, the run has lost the output (`LeaseLost`).
+  the lease folder: unless the highest number is its own and its file still names the run (a number is used
+  again after lease files were deleted by hand), the run has lost the output (`LeaseLost`). The heartbeat
+  and the release check the fence first, so a job never renews or releases another job's lease.
 * **Release.** A job that ends marks its file released (it stays as the highest number until the next
   job takes the next one), so a stalled earlier holder can never come back as the highest.
 """
@@ -86,21 +88,19 @@ def lease_path(root: str, generation: int) -> str:
     return f"{root}/{LEASE_DIR}/{generation:010d}.json"
 
 
-def holders(fs: pafs.FileSystem, root: str, read: bool = True) -> list[Holder]:
-    """The lease files of the output at ``root``, lowest number first (``read=False``: names and times only)."""
+def holders(fs: pafs.FileSystem, root: str) -> list[Holder]:
+    """The lease files of the output at ``root``, lowest number first."""
     now = time.time()
     found = []
     for info in fs.get_file_info(pafs.FileSelector(f"{root}/{LEASE_DIR}", allow_not_found=True)):
         match = _NAME.match(info.base_name)
         if info.type != pafs.FileType.File or not match:
             continue
-        record = {}
-        if read:
-            try:
-                with fs.open_input_stream(info.path) as stream:
-                    record = json.loads(stream.read())
-            except (OSError, ValueError):
-                record = {}  # removed meanwhile, or damaged: judged by its age alone
+        try:
+            with fs.open_input_stream(info.path) as stream:
+                record = json.loads(stream.read())
+        except (OSError, ValueError):
+            record = {}  # removed meanwhile, or damaged: judged by its age alone
         age = now - info.mtime.timestamp() if info.mtime else 0.0
         found.append(Holder(info.path, int(match.group(1)), record.get("run_id"),
                             str(record.get("host", "?")), int(record.get("pid", -1)),
@@ -118,13 +118,19 @@ class Fence:
     run_id: str
 
     def check(self) -> None:
-        """Raise `LeaseLost` unless this run still holds the output."""
+        """Raise `LeaseLost` unless this run still holds the output: the highest lease number is its own and
+        its file still names this run (a number is used again when lease files were deleted by hand).
+
+        Raises:
+            LeaseLost: another job holds the output.
+            OSError: the lease file of this run's number cannot be read now (transient, or damaged).
+        """
         fs, root = _filesystem(self.output)
-        found = holders(fs, root, read=not is_local(fs))
+        found = holders(fs, root)
         top = found[-1] if found else None
-        if top is not None and top.generation == self.generation and not is_local(fs) and top.run_id is None:
+        if top is not None and top.generation == self.generation and top.run_id is None:
             raise OSError(f"cannot read the lease {top.path} (a read that failed, or a damaged file)")
-        if top is None or top.generation != self.generation or (not is_local(fs) and top.run_id != self.run_id):
+        if top is None or top.generation != self.generation or top.run_id != self.run_id:
             raise LeaseLost(f"run {self.run_id} no longer holds {redact_credentials(self.output)}: another job took "
                             "its lease over; nothing more is written by this run")
 

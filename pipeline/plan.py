@@ -67,11 +67,12 @@ def plan_input(sampled: np.ndarray, needs: MethodNeeds, path: str) -> InputPlan:
     settled = [None if frames is None else np.asarray(frames, dtype=np.int64) for frames in needs.settled]
     unknown = sorted(set(np.concatenate([np.zeros(0, np.int64), *(f for f in settled if f is not None)]).tolist())
                      - set(sampled.tolist()))
-    if (needs.recorded_sampled is not None and needs.recorded_sampled != len(sampled)) or unknown:
-        earlier = f"{needs.recorded_sampled} sampled frames" if needs.recorded_sampled is not None else "other frames"
-        raise InputChanged(path, f"its sampling now selects {len(sampled)} frames, where an earlier run recorded "
-                                 f"{earlier}{f' (frames {unknown[:5]} are no longer sampled)' if unknown else ''}: "
-                                 "the file changed since. Encode it into a new --output")
+    if needs.recorded_sampled is not None and needs.recorded_sampled != len(sampled):
+        raise InputChanged(path, f"its sampling now selects {len(sampled)} frames where an earlier run recorded "
+                                 f"{needs.recorded_sampled}: the file changed since. Encode it into a new --output")
+    if unknown:
+        raise InputChanged(path, f"frames {unknown[:5]} that an earlier run recorded are no longer among its "
+                                 "sampled frames: the file changed since. Encode it into a new --output")
     segments = [sampled[i:i + needs.segment_size] for i in range(0, len(sampled), needs.segment_size)]
     lacking = [np.zeros(0, np.int64) if frames is None else np.setdiff1d(sampled, frames) for frames in settled]
     return InputPlan(sampled, segments, lacking)

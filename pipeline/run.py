@@ -268,8 +268,8 @@ def _encode(config: EncodeConfig, listing: Listing, preprocessing: Preprocessing
         if prepared.temporaries_removed:
             logger.info("removed %d temporary files%s left by an interrupted run", prepared.temporaries_removed, where)
         if prepared.adopted:
-            logger.info("committed %d shard(s)%s an interrupted run wrote but did not index", len(prepared.adopted),
-                        where)
+            logger.info("committed %d shard(s)%s no index file named (an interrupted run's, or those a damaged index "
+                        "file set aside named)", len(prepared.adopted), where)
         for path in prepared.set_aside:
             logger.warning("set aside damaged %s", path)
         states.append(prepared.state)
@@ -320,8 +320,10 @@ def _log_listing(listing: Listing) -> None:
 def _log_plan(listing: Listing, rows: list[dict], states: list[OutputState]) -> None:
     for item in listing.items:
         logger.debug("input %s: %s", item.video_id, item.source_path)
-    resumed = [row for row in rows if row["recorded_sampled"] >= 0 or row["attempt"] > 1]
-    retried = [row for row in rows if row["attempt"] > 1]
+    resumed = [row for row in rows if row["recorded_sampled"] >= 0 or any(row["settled"])]
+    retried = [row for row in rows if any(state.errors[row["video_id"]].retryable
+                                          or state.errors[row["video_id"]].whole == "retryable"
+                                          for state in states if row["video_id"] in state.errors)]
     logger.info("inputs: %d found, %d to read (%d with frames from earlier runs: only frames no method has are "
                 "decoded; %d tried again after failures a retry may pass)", len(listing.items), len(rows),
                 len(resumed), len(retried))

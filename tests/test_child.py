@@ -13,7 +13,7 @@ import fsspec
 import pyarrow.fs as pafs
 import pytest
 
-from pipeline.child import ChildFailed, ChildProcess
+from pipeline.child import ChildFailed, ChildProcess, ChildRaised
 from pipeline.inputs import fetch
 
 
@@ -65,8 +65,9 @@ def test_items_stream_back_and_the_child_is_reused(child):
 def test_an_exception_in_the_child_is_raised_here_and_the_child_lives_on(child):
     results = child.run(fail_after_one)
     assert next(results) == "first"
-    with pytest.raises(ValueError, match="bad input 42"):
+    with pytest.raises(ChildRaised, match="ValueError: bad input 42") as raised:
         next(results)
+    assert isinstance(raised.value.error, ValueError), "the caller tells the child's errors from its own"
     (_, pid), = list(child.run(count, 1))
     assert list(child.run(count, 1)) == [(0, pid)], "the same child serves the next call"
 
@@ -80,6 +81,26 @@ def test_a_hung_child_is_stopped_within_the_limit_and_replaced(child):
     assert 2.5 < time.monotonic() - started < 10
     assert caught.value.stalled and "no progress for 3 s" in caught.value.reason
     assert [i for i, _ in child.run(count, 2)] == [0, 1], "a fresh child serves the next call"
+
+
+def test_a_call_past_its_deadline_is_stopped_however_much_progress_it_reports(child):
+    """An endless stream keeps reporting progress: the call's deadline stops it all the same."""
+    started = time.monotonic()
+    with pytest.raises(ChildFailed, match="still working after 2 s: stopped") as caught:
+        list(child.run(slow_but_moving, 60.0, stall_timeout_s=1.0, deadline_s=2.0))
+    assert caught.value.timed_out and not caught.value.stalled and time.monotonic() - started < 10
+    assert [i for i, _ in child.run(count, 1)] == [0], "a fresh child serves the next call"
+
+
+def test_a_child_that_cannot_start_is_the_callers_error_not_a_call_outcome():
+    """A decoder process that exits at once (a broken installation) is a RuntimeError of the caller's
+    side, saying how it exited, never a ChildFailed or ChildRaised that would be charged to an input."""
+    process = ChildProcess(stall_timeout_s=3, preload=("no_such_module_anywhere",))
+    try:
+        with pytest.raises(RuntimeError, match=r"did not start \(exited with status 1"):
+            list(process.run(count, 1))
+    finally:
+        process.close()
 
 
 def test_progress_keeps_a_slow_call_alive_and_a_silent_one_is_stopped(child):

@@ -433,6 +433,29 @@ def test_a_takeover_between_a_heartbeat_check_and_its_renewal_leaves_one_holder(
     taker.release()
 
 
+def test_a_lease_deleted_by_hand_and_taken_again_leaves_one_holder(tmp_path):
+    """The refusal message says a dead job's lease may be deleted to take the output over now. Deleted while
+    that job still lives, the next job gets the same number: the living job's fence then finds another run's
+    record under its number and stops it, and neither its heartbeat nor its release touches the new lease."""
+    output = tmp_path / "out"
+    first = OutputLease(str(output), "first", heartbeat_s=0.05)
+    first.acquire()
+    os.unlink(first.path)
+    second = OutputLease(str(output), "second", heartbeat_s=3600)
+    second.acquire()
+    assert second.fence.generation == first.fence.generation == 1, "the number is used again"
+    with pytest.raises(LeaseLost):
+        first.fence.check()
+    second.fence.check()
+    deadline = time.time() + 10
+    while not first.lost and time.time() < deadline:
+        time.sleep(0.05)
+    first.release()
+    [held] = holders(second.fs, second.root)
+    assert (held.run_id, held.released) == ("second", False), "the first job did not renew or release it"
+    second.release()
+
+
 def test_a_job_whose_lease_was_taken_over_stops_committing(tmp_path):
     output = tmp_path / "out"
     lease = OutputLease(str(output), "slow", heartbeat_s=0.05)

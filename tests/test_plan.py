@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.decoder import _Rows
-from pipeline.failures import MAX_DECODER_FAILURES, Failure, stall_limit
+from pipeline.failures import MAX_DECODER_FAILURES, Failure, grown_limit
 from pipeline.index import INDEX_SCHEMA
 from pipeline.inputs import InputItem
 from pipeline.plan import InputChanged, MethodNeeds, input_rows, needs_of, plan_input
@@ -48,9 +48,9 @@ def test_segments_are_fixed_on_the_sampling_grid_and_each_method_lacks_its_own()
 
 
 def test_an_input_whose_sampling_changed_is_refused():
-    with pytest.raises(InputChanged, match="now selects 7 frames, where an earlier run recorded 8 sampled frames"):
+    with pytest.raises(InputChanged, match="now selects 7 frames where an earlier run recorded 8"):
         plan_input(SAMPLED, MethodNeeds(((),), 8, 1), "/v.mp4")
-    with pytest.raises(InputChanged, match=r"frames \[15\] are no longer sampled"):
+    with pytest.raises(InputChanged, match=r"frames \[15\] that an earlier run recorded are no longer among"):
         plan_input(SAMPLED, MethodNeeds(((0, 15),), None, 1), "/v.mp4")
 
 
@@ -92,7 +92,7 @@ def test_input_rows_carry_each_methods_needs_the_try_and_the_decoder_failures():
     assert rows["new"] == {**rows["new"], "finished": [False, False], "settled": [[], []], "recorded_sampled": -1,
                            "attempt": 1, "decoder_failures": 0}
     assert needs_of(rows["a"]) == MethodNeeds((None, ()), 7, 3)
-    assert stall_limit(300, rows["b"]["decoder_failures"]) == 600
+    assert grown_limit(300, rows["b"]["decoder_failures"]) == 600
 
 
 def test_the_last_decoder_failure_allowed_is_for_good():

@@ -217,49 +217,63 @@ def test_a_decoder_killed_mid_input_loses_only_what_it_had_not_delivered(long_av
     assert [r for r in rows if r["kind"] == "error"], "killed before it was done"
 
 
-def test_a_decoder_killed_or_stalled_is_tried_again_by_the_next_run(tmp_path, tiny_clip_dir, ray_local):
-    """A FIFO named like a video, fed a whole clip but never closed, holds the decoder in its demux pass: it is
-    stopped after the stall limit and the input gets a retryable row (the command exits 5: run it again).
-    With the real file in its place, the next run tries it again (its second try) and encodes it, and the
-    error table no longer lists it."""
+def test_a_stalled_or_endless_input_is_tried_again_by_the_next_run(tmp_path, tiny_clip_dir, ray_local):
+    """Two FIFOs named like videos: one fed a whole clip but never closed holds the decoder in its demux pass
+    (no progress: stopped after --decode-timeout-s), one fed the clip again and again is an endless stream
+    (progress without end: stopped at --input-timeout-s). Both get retryable rows and the command exits 5;
+    a listed folder and a file gone since it was listed are error rows for good. With the real file in the
+    first FIFO's place, the next run tries it again (its second try) and encodes it, and the error table no
+    longer lists it."""
     inputs = link(tmp_path / "in", GOOD[:1])
-    fifo = inputs / "stuck.ts"
-    os.mkfifo(fifo)
-    listing = tmp_path / "inputs.txt"  # a folder's listing skips FIFOs: a list names it
-    listing.write_text(f"{inputs / GOOD[0]}\n{fifo}\n")
+    stuck, endless = inputs / "stuck.ts", inputs / "endless.ts"
+    os.mkfifo(stuck)
+    os.mkfifo(endless)
+    (inputs / "folder.mp4").mkdir()
+    listing = tmp_path / "inputs.txt"  # a folder's listing skips FIFOs: a list names them
+    listing.write_text("".join(f"{inputs / name}\n" for name in (GOOD[0], "stuck.ts", "endless.ts", "folder.mp4",
+                                                                   "gone.mp4")))
     clip = (HOSTILE_VIDEOS / "ts_start_offset.ts").read_bytes()
     stop = threading.Event()
 
-    def feed_and_hold() -> None:
+    def feed(fifo: Path, again: bool) -> None:
         try:
             with open(fifo, "wb") as pipe:  # blocks until the decoder opens it
                 pipe.write(clip)
-                pipe.flush()
+                while again and not stop.is_set():
+                    pipe.write(clip)
                 stop.wait(600)  # open, so the demuxer waits for more
         except OSError:  # the decoder was killed while reading
             pass
 
-    feeder = threading.Thread(target=feed_and_hold, daemon=True)
-    feeder.start()
+    feeders = [threading.Thread(target=feed, args=args, daemon=True) for args in ((stuck, False), (endless, True))]
+    for feeder in feeders:
+        feeder.start()
     output = tmp_path / "out"
     try:
         result = subprocess.run([sys.executable, str(ROOT / "jobs" / "encode_videos.py"), "--input", str(listing),
                                  "--output", str(output), "--model", str(tiny_clip_dir), "--num-frames", "4",
-                                 "--decode-timeout-s", "5"], capture_output=True, text=True, timeout=300)
+                                 "--decode-timeout-s", "5", "--input-timeout-s", "10"],
+                                capture_output=True, text=True, timeout=300)
     finally:
         stop.set()
-        feeder.join(10)
+        for feeder in feeders:
+            feeder.join(10)
     assert result.returncode == 5, result.stderr[-2000:]
-    assert "to retry 1" in result.stdout and "run the same command again" in result.stdout
-    [error] = current_errors(output)
-    assert (error["error_type"], error["retryable"], error["attempt"]) == ("DecoderStalled", True, 1)
-    fifo.unlink()
-    shutil.copy(HOSTILE_VIDEOS / "ts_start_offset.ts", fifo)
+    assert "to retry 2" in result.stdout and "run the same command again" in result.stdout
+    errors = {Path(e["source_path"]).name: e for e in current_errors(output)}
+    assert {name: (e["error_type"], e["retryable"], e["attempt"]) for name, e in errors.items()} == {
+        "stuck.ts": ("DecoderStalled", True, 1), "endless.ts": ("DecoderTimeout", True, 1),
+        "folder.mp4": ("IsADirectoryError", False, 1), "gone.mp4": ("FileNotFoundError", False, 1)}
+    assert "still working after 10 s" in errors["endless.ts"]["error_message"]
+    stuck.unlink()
+    shutil.copy(HOSTILE_VIDEOS / "ts_start_offset.ts", stuck)
+    listing.write_text("".join(f"{inputs / name}\n" for name in (GOOD[0], "stuck.ts", "folder.mp4", "gone.mp4")))
     again = run(EncodeConfig(input=str(listing), output=str(output), model=str(tiny_clip_dir), num_frames=4))
-    assert (again.encoded, again.skipped, again.retryable) == (1, 1, 0)
-    assert current_errors(output) == []
+    assert (again.encoded, again.skipped, again.retryable) == (1, 3, 0)
+    assert sorted(Path(e["source_path"]).name for e in current_errors(output)) == ["endless.ts", "folder.mp4",
+                                                                                 "gone.mp4"]
     reader = TokenReader(str(output))
-    [retried] = [v for v in reader.video_ids() if reader.load(v).source_path == str(fifo)]
+    [retried] = [v for v in reader.video_ids() if reader.load(v).source_path == str(stuck)]
     assert [f.frame_index for f in reader.load(retried).frames] == [0, 83, 166, 249]
 
 
